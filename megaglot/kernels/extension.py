@@ -1,0 +1,50 @@
+"""Finding the compiled extension megaglot._C: the installed build, else a JIT build with ninja.
+
+A checkout that was never `pip install`ed still gets the C++ paths (the JIT build is cached
+under torch's extension directory, so only the first import compiles). When neither works the
+callers fall back to pure torch, with one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import warnings
+from types import ModuleType
+from typing import Optional
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension() -> Optional[ModuleType]:
+    """The compiled module, or None (with one warning saying why) when it cannot be had."""
+    try:
+        from megaglot import _C  # built by setup.py
+
+        return _C
+    except ImportError as installed_error:
+        reason = f"megaglot._C is not built ({installed_error})"
+    if os.environ.get("MEGAGLOT_NO_JIT") != "1" and os.path.isdir(_CSRC):
+        try:
+            from torch.utils import cpp_extension
+
+            sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")))
+            return cpp_extension.load("megaglot_C_jit", sources, extra_include_paths=[_CSRC],
+                                      extra_cflags=["-O3", "-std=c++17"], verbose=False)
+        except Exception as jit_error:  # a compiler error is reported, not raised: torch paths remain
+            reason += f"; JIT build failed: {jit_error}"
+    warnings.warn(f"{reason}; using the pure-torch/numpy fallbacks (slower). Run `make setup` to build it.",
+                  RuntimeWarning, stacklevel=2)
+    return None
+
+
+def available() -> dict:
+    """What was built: {'extension': bool, 'cuda': bool, 'functions': [...]}."""
+    ext = load_extension()
+    if ext is None:
+        return {"extension": False, "cuda": False, "functions": []}
+    functions = sorted(name for name in dir(ext) if not name.startswith("_"))
+    return {"extension": True, "cuda": bool(getattr(ext, "with_cuda", lambda: False)()),
+            "functions": functions}
