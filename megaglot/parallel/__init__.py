@@ -1,0 +1,1 @@
+"""Process groups, tensor-parallel collectives and layers, RNG and recomputation."""
