@@ -47,6 +47,13 @@ def set_parallel_attributes(param: nn.Parameter, partition_dim: Optional[int], g
 def _sharded_parameter(global_shape, partition_dim: Optional[int], init_method: InitMethod,
                        dtype, device) -> nn.Parameter:
     """Draw the master on CPU in float32 (one layer at a time), keep our slice, move it."""
+    if device is not None and torch.device(device).type == "meta":  # shapes only (counting, planning)
+        shape = list(global_shape)
+        if partition_dim is not None:
+            shape[partition_dim] //= state.get_tensor_parallel_world_size()
+        param = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
+        set_parallel_attributes(param, partition_dim, global_shape)
+        return param
     master = torch.empty(global_shape, dtype=torch.float32, device="cpu")
     init_method(master)
     if partition_dim is not None:
@@ -178,3 +185,28 @@ class VocabParallelEmbedding(nn.Module):
         if self.sequence_parallel:
             return comm.reduce_scatter_to_sequence_parallel(partial)
         return comm.reduce_from_tensor_parallel(partial)
+
+
+def reduce_sequence_parallel_gradients(parameters) -> None:
+    """All-reduce over TP the gradients of replicated parameters that saw only a sequence slice.
+
+    Call after backward, before clipping or the optimizer step. Uses `param.main_grad` when the
+    data-parallel buffers provide it, else `param.grad`.
+    """
+    if state.get_tensor_parallel_world_size() == 1:
+        return
+    grads = []
+    for p in parameters:
+        if getattr(p, "sequence_parallel", False):
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            if g is not None:
+                grads.append(g)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, group=state.get_tensor_parallel_group())
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -1,0 +1,112 @@
+"""Causal self-attention with a fused QKV column-parallel projection and rotary embedding.
+
+The QKV weight keeps Hugging Face's per-head `[q, k, v]` row order, so splitting its rows over
+TP hands each rank whole heads and converting a checkpoint is a reshape, never a shuffle.
+Backends: `torch` (the plain reference), `sdpa` (torch's scaled_dot_product_attention) and
+`fused` (megaglot's causal softmax kernel); all compute the same thing to round-off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaglot.config import ModelConfig
+from megaglot.model.rotary import apply_rotary, rotary_cos_sin
+from megaglot.parallel import state
+from megaglot.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megaglot.parallel.random import checkpoint, get_rng_tracker
+
+
+def _fused_causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """scores: [b*np, s, s] -> causal softmax(scale * scores), through csrc's kernel when built."""
+    try:
+        from megaglot.kernels.softmax import scaled_upper_triang_masked_softmax
+    except ImportError:  # kernels not built into this checkout: same maths in torch
+        s = scores.shape[-1]
+        mask = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
+        return torch.softmax((scores.float() * scale).masked_fill(mask, float("-inf")), dim=-1).to(scores.dtype)
+    return scaled_upper_triang_masked_softmax(scores, scale)
+
+
+class CoreAttention(nn.Module):
+    """softmax(q k^T / sqrt(hn)) v over this rank's heads; q, k, v: `[s, b, np, hn]` -> `[s, b, np*hn]`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.backend = config.attention_backend
+        self.dropout = config.attention_dropout
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def forward(self, q, k, v):
+        s, b, np_, hn = q.shape
+        dropout = self.dropout if self.training else 0.0
+        if self.backend == "sdpa":
+            qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, np, s, hn]
+            with get_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
+                ctx = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=dropout, is_causal=True, scale=self.scale)
+            return ctx.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
+        # [b*np, s, hn] batches for bmm
+        qb = q.permute(1, 2, 0, 3).reshape(b * np_, s, hn)
+        kb = k.permute(1, 2, 0, 3).reshape(b * np_, s, hn)
+        vb = v.permute(1, 2, 0, 3).reshape(b * np_, s, hn)
+        if self.backend == "fused":
+            probs = _fused_causal_softmax(torch.bmm(qb, kb.transpose(1, 2)), self.scale)
+        else:
+            scores = torch.bmm(qb, kb.transpose(1, 2)) * self.scale  # [b*np, s, s]
+            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if dropout > 0:
+            with get_rng_tracker().fork():  # heads differ per TP rank: so do their masks
+                probs = F.dropout(probs, p=dropout, training=True)
+        ctx = torch.bmm(probs, vb)  # [b*np, s, hn]
+        return ctx.view(b, np_, s, hn).permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, *, layer_seed_init, sequence_parallel: bool,
+                 recompute_core: bool, params_dtype, device):
+        super().__init__()
+        tp = state.get_tensor_parallel_world_size()
+        self.config = config
+        self.heads_per_rank = config.num_attention_heads // tp
+        self.head_dim = config.head_dim
+        self.recompute_core = recompute_core
+        h = config.hidden_size
+        self.query_key_value = ColumnParallelLinear(
+            h, 3 * h, sequence_parallel=sequence_parallel, init_method=layer_seed_init("attention.query_key_value.weight"),
+            params_dtype=params_dtype, device=device)
+        self.dense = RowParallelLinear(
+            h, h, input_is_parallel=True, sequence_parallel=sequence_parallel, skip_bias_add=True,
+            init_method=layer_seed_init("attention.dense.weight", output_layer=True),
+            params_dtype=params_dtype, device=device)
+        self.core = CoreAttention(config)
+
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+        # x: [s(/tp), b, h] -> qkv [s, b, np/tp * 3 * hn]
+        qkv, _ = self.query_key_value(x)
+        s, b = qkv.shape[0], qkv.shape[1]
+        qkv = qkv.view(s, b, self.heads_per_rank, 3 * self.head_dim)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [s, b, np/tp, hn]
+        rd = self.config.rotary_ndims
+        if rd > 0:
+            cos, sin = rotary_cos_sin(max(s, self.config.max_position_embeddings), rd, self.config.rotary_base,
+                                      q.device, torch.float32)
+            if position_ids is None:
+                cos, sin = cos[:s, None, None, :], sin[:s, None, None, :]  # [s, 1, 1, rd]
+            else:  # position_ids: [b, s]
+                cos, sin = cos[position_ids.t()].unsqueeze(2), sin[position_ids.t()].unsqueeze(2)
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.recompute_core and self.training:
+            ctx = checkpoint(self.core, q, k, v)
+        else:
+            ctx = self.core(q, k, v)  # [s, b, h/tp]
+        out, bias = self.dense(ctx)  # [s(/tp), b, h], bias added by the caller after dropout
+        return out, bias
