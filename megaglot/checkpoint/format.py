@@ -1,0 +1,234 @@
+"""The checkpoint format: safetensors pieces, a JSON index per writer, JSON metadata.
+
+    CKPT/latest                         "iter_0000100", replaced atomically after the directory is complete
+    CKPT/iter_0000100/metadata.json     model config, parallel layout, iteration, consumed samples,
+                                        scheduler / scaler state, format version
+    CKPT/iter_0000100/<part>.safetensors  tensors of one writer (a rank, or one TP/PP shard offline)
+    CKPT/iter_0000100/<part>.index.json   for every tensor in it: kind, global name, global shape,
+                                        partition dim, the TP size and rank it was saved at, and the
+                                        flat range of that TP shard it holds
+    CKPT/iter_0000100/rng/rank_00003.json  RNG states of one rank
+
+A piece is a flat range of one TP shard of one tensor; whole shards are the common case, the
+distributed optimizer writes partial ranges from each DP rank. Because every piece is
+self-describing, a reader assembles the full tensor of any name whatever layout wrote it, so
+loading at another TP/PP/DP layout and offline resharding share this one reader. Nothing is
+unpickled: tensors are safetensors, everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+MODEL = "model"  # the kind of parameters; optimizer kinds: "master", "exp_avg", "exp_avg_sq"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file."""
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+@dataclass
+class Piece:
+    """One stored range: values [start, end) of TP shard `tp_rank` (of `tp_size`) of a tensor."""
+
+    kind: str
+    name: str
+    global_shape: Tuple[int, ...]
+    partition_dim: Optional[int]
+    tp_size: int
+    tp_rank: int
+    start: int
+    end: int
+    file: str
+    key: str
+
+    @property
+    def shard_shape(self) -> Tuple[int, ...]:
+        shape = list(self.global_shape)
+        if self.partition_dim is not None:
+            shape[self.partition_dim] //= self.tp_size
+        return tuple(shape)
+
+
+class PieceWriter:
+    """Collects this writer's pieces, then writes `<part>.safetensors` and `<part>.index.json`."""
+
+    def __init__(self, directory: str, part: str):
+        self.directory, self.part = directory, part
+        self.tensors: Dict[str, torch.Tensor] = {}
+        self.index: List[dict] = []
+
+    def add(self, kind: str, name: str, shard: torch.Tensor, *, global_shape, partition_dim: Optional[int],
+            tp_size: int, tp_rank: int, flat_range: Optional[Tuple[int, int]] = None) -> None:
+        """`shard` is this TP rank's whole shard, or (with flat_range) that range of it flattened."""
+        start, end = flat_range if flat_range is not None else (0, shard.numel())
+        key = f"{kind}/{name}/tp{tp_rank}/{start}"
+        self.tensors[key] = shard.detach().reshape(-1).contiguous().cpu().clone()
+        if self.tensors[key].numel() != end - start:
+            raise ValueError(f"piece {key}: {self.tensors[key].numel()} values for range [{start}, {end})")
+        self.index.append(dict(kind=kind, name=name, global_shape=list(global_shape), partition_dim=partition_dim,
+                               tp_size=tp_size, tp_rank=tp_rank, start=start, end=end, key=key))
+
+    def write(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        file = f"{self.part}.safetensors"
+        save_file(self.tensors, os.path.join(self.directory, file))
+        for entry in self.index:
+            entry["file"] = file
+        write_json(os.path.join(self.directory, f"{self.part}.index.json"), {"pieces": self.index})
+
+
+def write_json(path: str, obj) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointReader:
+    """Assembles full tensors from the pieces of one iteration directory, one tensor at a time."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        meta_path = os.path.join(directory, "metadata.json")
+        if not os.path.isfile(meta_path):
+            raise CheckpointError(f"{meta_path}: missing; {directory} is not a complete megaglot checkpoint")
+        self.metadata = read_json(meta_path)
+        if self.metadata.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{meta_path}: format version {self.metadata.get('format_version')}, "
+                                  f"this megaglot reads {FORMAT_VERSION}")
+        self.pieces: Dict[Tuple[str, str], List[Piece]] = {}
+        index_files = sorted(glob.glob(os.path.join(directory, "*.index.json")))
+        if not index_files:
+            raise CheckpointError(f"{directory}: no *.index.json files; the checkpoint holds no tensors")
+        for path in index_files:
+            for entry in read_json(path)["pieces"]:
+                entry["global_shape"] = tuple(entry["global_shape"])
+                piece = Piece(**entry)
+                if not os.path.isfile(os.path.join(directory, piece.file)):
+                    raise CheckpointError(f"{path}: refers to missing shard {piece.file}")
+                self.pieces.setdefault((piece.kind, piece.name), []).append(piece)
+        self._handles = {}
+
+    def names(self, kind: str = MODEL) -> List[str]:
+        return sorted(name for k, name in self.pieces if k == kind)
+
+    def has(self, kind: str, name: str) -> bool:
+        return (kind, name) in self.pieces
+
+    def info(self, kind: str, name: str) -> Piece:
+        return self._pieces(kind, name)[0]
+
+    def _pieces(self, kind, name) -> List[Piece]:
+        pieces = self.pieces.get((kind, name))
+        if not pieces:
+            raise CheckpointError(f"{self.directory}: no {kind} tensor {name!r}; is it a checkpoint of another model?")
+        return pieces
+
+    def _read(self, piece: Piece) -> torch.Tensor:
+        handle = self._handles.get(piece.file)
+        if handle is None:
+            handle = safe_open(os.path.join(self.directory, piece.file), framework="pt")
+            self._handles[piece.file] = handle
+        return handle.get_tensor(piece.key)
+
+    def full_tensor(self, kind: str, name: str) -> torch.Tensor:
+        """The tensor at TP = 1, assembled from every piece (any TP size / DP split it was saved at)."""
+        pieces = self._pieces(kind, name)
+        first = pieces[0]
+        shard_numel = 1
+        for d in first.shard_shape:
+            shard_numel *= d
+        if first.partition_dim is None:  # replicated over TP: one rank's copy is the tensor
+            return self._assemble_shard(kind, name, pieces, min(p.tp_rank for p in pieces), shard_numel, first)
+        shards = [self._assemble_shard(kind, name, pieces, tp_rank, shard_numel, first)
+                  for tp_rank in range(first.tp_size)]
+        return torch.cat(shards, dim=first.partition_dim)
+
+    def _assemble_shard(self, kind, name, pieces, tp_rank, shard_numel, first) -> torch.Tensor:
+        mine = sorted((p for p in pieces if p.tp_rank == tp_rank), key=lambda p: p.start)
+        flat, covered = None, 0
+        for p in mine:
+            if p.start != covered:
+                break
+            values = self._read(p)
+            if flat is None:
+                flat = torch.empty(shard_numel, dtype=values.dtype)
+            flat[p.start:p.end] = values
+            covered = p.end
+        if flat is None or covered != shard_numel:
+            raise CheckpointError(f"{self.directory}: {kind} tensor {name!r} TP shard {tp_rank} is incomplete "
+                                  f"({covered} of {shard_numel} values); a shard file is missing")
+        return flat.view(first.shard_shape)
+
+
+def read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+# ---- directories and the `latest` pointer ---------------------------------------------------
+def staging_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, iteration_dir_name(iteration) + ".tmp")
+
+
+def publish(root: str, iteration: int) -> str:
+    """Rename the complete staging directory into place, then point `latest` at it (last)."""
+    staged, final = staging_dir(root, iteration), os.path.join(root, iteration_dir_name(iteration))
+    if os.path.exists(final):
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    tmp = os.path.join(root, "latest.tmp")
+    with open(tmp, "w") as f:
+        f.write(iteration_dir_name(iteration) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, "latest"))
+    return final
+
+
+def resolve(path: str) -> str:
+    """An iteration directory from a checkpoint root (through `latest`) or the directory itself."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    latest = os.path.join(path, "latest")
+    if not os.path.isfile(latest):
+        raise CheckpointError(f"{path}: neither a checkpoint directory (metadata.json) nor a root with a "
+                              f"'latest' file")
+    with open(latest) as f:
+        name = f.read().strip()
+    directory = os.path.join(path, name)
+    if not os.path.isfile(os.path.join(directory, "metadata.json")):
+        raise CheckpointError(f"{latest}: points at {name}, which is missing or incomplete")
+    return directory
+
+
+
+def write_metadata(directory: str, **fields) -> None:
+    os.makedirs(directory, exist_ok=True)
+    write_json(os.path.join(directory, "metadata.json"), dict(fields, format_version=FORMAT_VERSION))
