@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -60,8 +61,48 @@ py::array_t<int64_t> build_sample_idx(py::array_t<int32_t, py::array::c_style | 
   return result;
 }
 
+// Deterministic greedy blend (Megatron's rule): sample i comes from the dataset whose share so far
+// lags its weight the most, so every prefix of the blend is within one sample of the target mix.
+// Returns (dataset index int16[size], index of the sample within that dataset int64[size]).
+py::tuple build_blending_indices(py::array_t<double, py::array::c_style | py::array::forcecast> weights,
+                                 int64_t size) {
+  if (size < 0) throw std::invalid_argument("build_blending_indices: size must be >= 0");
+  auto w = weights.unchecked<1>();
+  const int64_t num_datasets = w.shape(0);
+  if (num_datasets <= 0 || num_datasets > 32767)
+    throw std::invalid_argument("build_blending_indices: need 1..32767 datasets, got " + std::to_string(num_datasets));
+  py::array_t<int16_t> dataset_index(size);
+  py::array_t<int64_t> dataset_sample_index(size);
+  auto di = dataset_index.mutable_unchecked<1>();
+  auto dsi = dataset_sample_index.mutable_unchecked<1>();
+  std::vector<double> weight(num_datasets);
+  for (int64_t d = 0; d < num_datasets; ++d) weight[d] = w(d);
+  {
+    py::gil_scoped_release release;
+    std::vector<int64_t> current(num_datasets, 0);
+    for (int64_t i = 0; i < size; ++i) {
+      const double position = i > 1 ? static_cast<double>(i) : 1.0;
+      int64_t best = 0;
+      double best_error = weight[0] * position - static_cast<double>(current[0]);
+      for (int64_t d = 1; d < num_datasets; ++d) {
+        const double error = weight[d] * position - static_cast<double>(current[d]);
+        if (error > best_error) {
+          best_error = error;
+          best = d;
+        }
+      }
+      di(i) = static_cast<int16_t>(best);
+      dsi(i) = current[best];
+      ++current[best];
+    }
+  }
+  return py::make_tuple(dataset_index, dataset_sample_index);
+}
+
 void register_dataset_helpers(py::module& m) {
   m.def("build_sample_idx", &build_sample_idx, py::arg("sizes"), py::arg("doc_idx"), py::arg("seq_length"),
         py::arg("num_samples"),
         "Start (doc_idx position, offset) of each GPT sample of seq_length+1 tokens; shape [num_samples+1, 2].");
+  m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
+        "Greedy deterministic blend: (dataset index int16[size], sample index within it int64[size]).");
 }

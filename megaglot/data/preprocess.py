@@ -1,0 +1,462 @@
+"""JSONL / plain text -> PII-masked tokens in Megatron `.bin/.idx` files (the library behind
+`tools/preprocess_data.py`).
+
+Documents are read in order, encoded in batches by N worker processes and written in the same
+order, so the output is identical whatever the worker count. Bad input lines are counted and
+skipped (with the first few line numbers reported) rather than aborting a day-long run on one bad
+line; `strict` turns them into errors. Outputs are written under `.tmp` names and renamed only at
+the end, so an interrupted run never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, TextIO
+
+import numpy as np
+
+from megaglot.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from megaglot.data.pii import KINDS, split_pii
+from megaglot.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_summary, train_tokenizer
+
+SKIP_REASONS = ("malformed_json", "missing_key", "undecodable", "empty")
+MAX_REPORTED_LINES = 5
+
+
+class PreprocessError(ValueError):
+    """Input or flags that cannot be processed; the message names the file, line or flag."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything `tools/preprocess_data.py` takes; field names follow its flags."""
+
+    input: list[str]
+    """Input files or globs: .jsonl/.json (one JSON object per line) or text; any of them .gz."""
+    output_prefix: str
+    """Outputs are {output_prefix}_{key}_document.bin/.idx/.json."""
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    """JSON keys to tokenize; one output pair per key (text files use the first key's name)."""
+    tokenizer: Optional[str] = None
+    """Path of a tokenizer.json (or its directory)."""
+    train_tokenizer: bool = False
+    """Train a byte-level BPE on the input first, saved as tokenizer.json beside the output."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size of the trained tokenizer."""
+    append_eod: bool = False
+    """Append <|endoftext|> after each document."""
+    workers: int = 1
+    """Encoding processes."""
+    lang: Optional[str] = None
+    """Language tag recorded in the sidecar (the blending table shows it)."""
+    mask_pii: bool = True
+    """Replace phone, registration and account numbers by <|tel|>, <|rrn|>, <|acc|>."""
+    strict: bool = False
+    """Stop at the first malformed line instead of skipping it."""
+    text_split: str = "auto"
+    """Plain text: 'line' (one document per line), 'blank' (blank-line separated) or 'auto'."""
+    batch_size: int = 128
+    """Documents per encode batch handed to a worker."""
+    log_interval: float = 10.0
+    """Seconds between log lines when stderr is not a terminal."""
+
+
+@dataclass
+class _Stats:
+    documents: int = 0
+    tokens: int = 0
+    bytes_in: int = 0
+    masks: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    skipped: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    skipped_lines: dict = field(default_factory=lambda: {r: [] for r in SKIP_REASONS})
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.skipped_lines[reason]) < MAX_REPORTED_LINES:
+            self.skipped_lines[reason].append(where)
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matched:
+            raise PreprocessError(f"--input {pattern}: matches no file")
+        for path in matched:
+            if not os.path.isfile(path):
+                raise PreprocessError(f"--input {path}: no such file")
+            files.append(path)
+    if not files:
+        raise PreprocessError("--input: no input files given")
+    return files
+
+
+def _is_jsonl(path: str) -> bool:
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return True
+    if name.endswith((".txt", ".text")):
+        return False
+    with _open_binary(path)[0] as f:
+        for line in f:
+            if line.strip():
+                return line.lstrip().startswith(b"{")
+    return False
+
+
+def _open_binary(path: str):
+    """(stream of decompressed bytes, raw file whose tell() measures progress on disk)."""
+    raw = open(path, "rb")
+    if path.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    return raw, raw
+
+
+class _Reader:
+    """Yields (location, {key: text}) for every usable document, counting what it skips."""
+
+    def __init__(self, cfg: PreprocessConfig, stats: _Stats):
+        self.cfg, self.stats = cfg, stats
+        self.bytes_done = 0  # on-disk bytes of finished files
+        self._raw = None
+
+    def progress_bytes(self) -> int:
+        try:
+            return self.bytes_done + (self._raw.tell() if self._raw is not None and not self._raw.closed else 0)
+        except (ValueError, OSError):
+            return self.bytes_done
+
+    def _problem(self, reason: str, where: str, detail: str) -> None:
+        if self.cfg.strict:
+            raise PreprocessError(f"{where}: {detail} (--strict)")
+        self.stats.skip(reason, where)
+
+    def documents(self, files: list[str]) -> Iterator[tuple[str, dict]]:
+        for path in files:
+            stream, self._raw = _open_binary(path)
+            with stream:
+                yield from (self._jsonl(path, stream) if _is_jsonl(path) else self._text(path, stream))
+            self.bytes_done += os.path.getsize(path)
+            self._raw = None
+
+    def _jsonl(self, path: str, stream) -> Iterator[tuple[str, dict]]:
+        keys = self.cfg.json_keys
+        for number, line in enumerate(stream, 1):
+            where = f"{path}:{number}"
+            self.stats.bytes_in += len(line)
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                self._problem("undecodable", where, f"not UTF-8 ({error.reason} at byte {error.start})")
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                self._problem("malformed_json", where, f"malformed JSON ({error.msg})")
+                continue
+            if not isinstance(record, dict) or any(not isinstance(record.get(k), str) for k in keys):
+                missing = [k for k in keys if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+                self._problem("missing_key", where, f"no string value for key(s) {', '.join(missing)}")
+                continue
+            if all(not record[k].strip() for k in keys):
+                self.stats.skip("empty", where)
+                continue
+            yield where, {k: record[k] for k in keys}
+
+    def _text(self, path: str, stream) -> Iterator[tuple[str, dict]]:
+        key = self.cfg.json_keys[0]
+        mode = self.cfg.text_split
+        if mode == "auto":
+            head = stream.peek(1 << 20)[: 1 << 20] if hasattr(stream, "peek") else b""
+            mode = "blank" if b"\n\n" in head.replace(b"\r\n", b"\n") else "line"
+        paragraph: list[str] = []
+        start = 1
+        for number, line in enumerate(stream, 1):
+            self.stats.bytes_in += len(line)
+            try:
+                text = line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                self._problem("undecodable", f"{path}:{number}", f"not UTF-8 ({error.reason} at byte {error.start})")
+                continue
+            if mode == "line":
+                if text.strip():
+                    yield f"{path}:{number}", {key: text}
+                continue
+            if text.strip():
+                if not paragraph:
+                    start = number
+                paragraph.append(text)
+            elif paragraph:
+                yield f"{path}:{start}", {key: "\n".join(paragraph)}
+                paragraph = []
+        if paragraph:
+            yield f"{path}:{start}", {key: "\n".join(paragraph)}
+
+
+# ---- encoding (runs in worker processes) ---------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_path: Optional[str], tokenizer: Optional[Tokenizer], mask_pii: bool,
+                 append_eod: bool, dtype: str) -> None:
+    if tokenizer is None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker process
+        tokenizer = load_tokenizer(tokenizer_path)
+    _WORKER.update(tokenizer=tokenizer, pii=tokenizer.pii_token_ids() if mask_pii else None,
+                   eod=tokenizer.eod if append_eod else None, dtype=np.dtype(dtype))
+
+
+def encode_documents(texts: list[str], tokenizer: Tokenizer, pii_ids: Optional[dict], eod: Optional[int]):
+    """Token arrays of a batch of documents and the mask counts; PII spans become single ids.
+
+    Each document is cut at its PII spans and the plain pieces are encoded in one batch call, so
+    a mask id never merges with neighbouring bytes whatever the tokenizer's added-token setup.
+    """
+    counts = dict.fromkeys(KINDS, 0)
+    pieces: list[str] = []
+    plans: list[list] = []  # per document: ints (mask ids) and None (next encoded piece)
+    for text in texts:
+        plan = []
+        parts = split_pii(text) if pii_ids is not None else [(text, None)]
+        for piece, kind in parts:
+            if kind is None:
+                pieces.append(piece)
+                plan.append(None)
+            else:
+                plan.append(pii_ids[kind])
+                counts[kind] += 1
+        plans.append(plan)
+    encoded = iter(tokenizer.encode_batch(pieces)) if pieces else iter(())
+    out = []
+    for plan in plans:
+        ids: list[int] = []
+        for step in plan:
+            if step is None:
+                ids.extend(next(encoded))
+            else:
+                ids.append(step)
+        if eod is not None:
+            ids.append(eod)
+        out.append(ids)
+    return out, counts
+
+
+def _encode_batch(batch: list[dict]) -> tuple[list[list[np.ndarray]], dict]:
+    w = _WORKER
+    keys = list(batch[0].keys()) if batch else []
+    per_key = {}
+    total = dict.fromkeys(KINDS, 0)
+    for key in keys:
+        ids, counts = encode_documents([doc[key] for doc in batch], w["tokenizer"], w["pii"], w["eod"])
+        per_key[key] = [np.asarray(x, dtype=w["dtype"]) for x in ids]
+        for k in KINDS:
+            total[k] += counts[k]
+    return [[per_key[key][i] for key in keys] for i in range(len(batch))], total
+
+
+# ---- progress ------------------------------------------------------------------------------------
+
+class _Progress:
+    def __init__(self, total_bytes: int, stream: TextIO, interval: float):
+        self.total, self.stream, self.interval = total_bytes, stream, interval
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def line(self, docs: int, done_bytes: int) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = done_bytes / elapsed
+        eta = (self.total - done_bytes) / rate if rate > 0 and self.total >= done_bytes else 0.0
+        return (f"{docs} docs, {docs / elapsed:.0f} docs/s, {rate / 1e6:.2f} MB/s, "
+                f"{100.0 * done_bytes / max(self.total, 1):.0f}% of input, ETA {eta:.0f}s")
+
+    def update(self, docs: int, done_bytes: int) -> None:
+        now = time.perf_counter()
+        if self.tty and now - self.last >= 0.2:
+            self.stream.write("\r" + self.line(docs, done_bytes) + "   ")
+            self.stream.flush()
+            self.last = now
+        elif not self.tty and now - self.last >= self.interval:
+            self.stream.write("preprocess: " + self.line(docs, done_bytes) + "\n")
+            self.stream.flush()
+            self.last = now
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+
+def output_prefix_for(output_prefix: str, key: str) -> str:
+    """Megatron's naming: {output_prefix}_{json_key}_document."""
+    return f"{output_prefix}_{key}_document"
+
+
+def _batches(docs: Iterator[tuple[str, dict]], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for _, doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _resolve_tokenizer(cfg: PreprocessConfig, files: list[str], log: TextIO) -> Tokenizer:
+    if cfg.train_tokenizer:
+        if not cfg.vocab_size:
+            raise PreprocessError("--train-tokenizer needs --vocab-size N")
+        if cfg.tokenizer:
+            raise PreprocessError("give either --tokenizer or --train-tokenizer, not both")
+        save = os.path.join(os.path.dirname(os.path.abspath(cfg.output_prefix)), "tokenizer.json")
+        stats = _Stats()
+        reader = _Reader(cfg, stats)
+
+        def texts():
+            for _, doc in reader.documents(files):
+                for text in doc.values():
+                    # train on masked text, so no merges are spent on numbers that will be masked
+                    yield "".join(p if k is None else "" for p, k in split_pii(text)) if cfg.mask_pii else text
+
+        log.write(f"preprocess: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) -> {save}\n")
+        return train_tokenizer(texts(), cfg.vocab_size, save)
+    if not cfg.tokenizer:
+        raise PreprocessError("no tokenizer: give --tokenizer PATH or --train-tokenizer --vocab-size N")
+    return load_tokenizer(cfg.tokenizer)
+
+
+def preprocess(cfg: PreprocessConfig, log: TextIO = sys.stderr) -> dict:
+    """Run the whole conversion; returns the sidecar dict (also written as JSON per output)."""
+    if cfg.workers < 1:
+        raise PreprocessError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.text_split not in ("auto", "line", "blank"):
+        raise PreprocessError(f"--text-split must be auto, line or blank, got {cfg.text_split!r}")
+    if not cfg.json_keys:
+        raise PreprocessError("--json-keys: give at least one key")
+    files = expand_inputs(cfg.input)
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = _resolve_tokenizer(cfg, files, log)
+    if cfg.mask_pii:
+        tokenizer.pii_token_ids()  # fail now, naming the tokenizer, not inside a worker
+    if cfg.append_eod and tokenizer.eod is None:
+        raise PreprocessError(f"--append-eod: tokenizer {tokenizer.path} has no <|endoftext|> token")
+    dtype = best_dtype(tokenizer.vocab_size)
+
+    stats = _Stats()
+    reader = _Reader(cfg, stats)
+    prefixes = {key: output_prefix_for(cfg.output_prefix, key) for key in cfg.json_keys}
+    any_text = any(not _is_jsonl(f) for f in files)
+    keys = cfg.json_keys if not any_text else cfg.json_keys[:1]
+    if any_text and len(cfg.json_keys) > 1:
+        raise PreprocessError("--json-keys with several keys needs JSONL inputs only")
+    builders = {key: IndexedDatasetBuilder(prefixes[key] + ".bin.tmp", dtype) for key in keys}
+    progress = _Progress(sum(os.path.getsize(f) for f in files), log, cfg.log_interval)
+    started = time.perf_counter()
+    pool = None
+    try:
+        batches = _batches(reader.documents(files), cfg.batch_size)
+        if cfg.workers == 1:
+            _init_worker(None, tokenizer, cfg.mask_pii, cfg.append_eod, dtype.str)
+            results = map(_encode_batch, batches)
+        else:
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
+                                                  else "spawn")
+            pool = context.Pool(cfg.workers, initializer=_init_worker,
+                                initargs=(tokenizer.path, None, cfg.mask_pii, cfg.append_eod, dtype.str))
+            results = pool.imap(_encode_batch, batches, chunksize=1)
+        for docs, counts in results:
+            for arrays in docs:
+                for key, array in zip(keys, arrays):
+                    builders[key].add_document(array)
+                    stats.tokens += int(array.size)
+            stats.documents += len(docs)
+            for kind in KINDS:
+                stats.masks[kind] += counts[kind]
+            progress.update(stats.documents, reader.progress_bytes())
+        for key in keys:
+            builders[key].finalize(prefixes[key] + ".idx.tmp")
+    except BaseException:
+        for key in keys:
+            builders[key].close()
+            for suffix in (".bin.tmp", ".idx.tmp"):
+                if os.path.exists(prefixes[key] + suffix):
+                    os.remove(prefixes[key] + suffix)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        progress.finish()
+    seconds = time.perf_counter() - started
+
+    sidecar = {
+        "documents": stats.documents, "tokens": stats.tokens, "masks": stats.masks if cfg.mask_pii else None,
+        "mask_pii": cfg.mask_pii, "skipped": stats.skipped,
+        "skipped_first_lines": {k: v for k, v in stats.skipped_lines.items() if v},
+        "tokenizer": tokenizer_summary(tokenizer), "lang": cfg.lang, "append_eod": cfg.append_eod,
+        "dtype": str(dtype), "inputs": files, "input_bytes": stats.bytes_in, "seconds": round(seconds, 3),
+        "workers": cfg.workers,
+    }
+    for key in keys:
+        os.replace(prefixes[key] + ".bin.tmp", prefixes[key] + ".bin")
+        os.replace(prefixes[key] + ".idx.tmp", prefixes[key] + ".idx")
+        _write_json(prefixes[key] + ".json", {**sidecar, "json_key": key})
+    _report(sidecar, prefixes, keys, log)
+    return sidecar
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def _report(sidecar: dict, prefixes: dict, keys: list[str], log: TextIO) -> None:
+    seconds = max(sidecar["seconds"], 1e-9)
+    log.write(f"preprocess: {sidecar['documents']} documents, {sidecar['tokens']} tokens in {seconds:.1f}s "
+              f"({sidecar['documents'] / seconds:.0f} docs/s, {sidecar['input_bytes'] / seconds / 1e6:.2f} MB/s)\n")
+    if sidecar["masks"] is not None:
+        log.write("preprocess: PII masked: " + ", ".join(f"{k} {v}" for k, v in sidecar["masks"].items()) + "\n")
+    skipped = {k: v for k, v in sidecar["skipped"].items() if v}
+    if skipped:
+        log.write("preprocess: skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()) + "\n")
+        for reason, lines in sidecar["skipped_first_lines"].items():
+            log.write(f"preprocess:   first {reason}: {', '.join(lines)}\n")
+    for key in keys:
+        log.write(f"preprocess: wrote {prefixes[key]}.bin/.idx/.json\n")
+
+
+def ensure_preprocessed(input_path: str, output_prefix: str, vocab_size: int = 4096,
+                        tokenizer: Optional[str] = None, lang: Optional[str] = None,
+                        json_key: str = "text", log: TextIO = sys.stderr) -> tuple[str, str]:
+    """(dataset prefix, tokenizer.json path): preprocess once, reuse afterwards.
+
+    For demos: trains a tokenizer beside the output when none is given, appends EOD, masks PII.
+    Re-runs only when the outputs are missing.
+    """
+    prefix = output_prefix_for(output_prefix, json_key)
+    tok_path = tokenizer or os.path.join(os.path.dirname(os.path.abspath(output_prefix)), "tokenizer.json")
+    if os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin") and os.path.exists(tok_path):
+        return prefix, tok_path
+    preprocess(PreprocessConfig(input=[input_path], output_prefix=output_prefix, json_keys=[json_key],
+                                tokenizer=tokenizer if tokenizer else (tok_path if os.path.exists(tok_path) else None),
+                                train_tokenizer=tokenizer is None and not os.path.exists(tok_path),
+                                vocab_size=vocab_size, append_eod=True, lang=lang), log=log)
+    return prefix, tok_path
+
+
+__all__ = ["PreprocessConfig", "PreprocessError", "preprocess", "ensure_preprocessed", "encode_documents",
+           "expand_inputs", "output_prefix_for"]
