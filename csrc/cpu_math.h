@@ -1,0 +1,130 @@
+// Branch-free scalar helpers that GCC/Clang auto-vectorize inside the CPU kernels' inner loops.
+//
+// Why not c10::Half / std::exp: the extension is compiled for the baseline ISA (no -mavx2), so the
+// kernels are built as function clones for x86-64-v4 / v3 / baseline (MG_CLONES, picked at load time
+// by the dynamic loader); inside those clones only straight-line code without library calls turns
+// into SIMD. std::exp is a libm call per element and c10's conversions are not guaranteed inlinable,
+// so both are written here as select-only bit manipulation.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define MG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MG_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define MG_INLINE inline __attribute__((always_inline))
+#else
+#define MG_INLINE inline
+#endif
+
+namespace megaglot {
+namespace cpu {
+
+MG_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+MG_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// IEEE half -> float, exact for every input (normals, subnormals, inf, NaN); after M. Dukhan's FP16.
+MG_INLINE float half_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result = sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized));
+  return bits_to_float(result);
+}
+
+// float -> IEEE half, round to nearest even, overflow to inf, NaN stays NaN. Integer-only except one
+// exact-by-construction add (no multiply, so FMA contraction cannot change it).
+MG_INLINE uint16_t float_to_half(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  // |f| < 2^-14: a subnormal half; adding 0.5 (ulp 2^-24) rounds |f| to the half's integer mantissa.
+  const uint32_t sub = float_to_bits(bits_to_float(a) + 0.5f) - 0x3F000000u;
+  const uint32_t r = a - 0x38000000u;  // rebias the exponent from 127 to 15
+  const uint32_t norm = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;  // a carry rounds up into inf correctly
+  uint32_t h = a < 0x38800000u ? sub : norm;
+  h = a >= 0x47800000u ? 0x7C00u : h;
+  h = a > 0x7F800000u ? 0x7E00u : h;
+  return static_cast<uint16_t>(sign | h);
+}
+
+MG_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+// float -> bfloat16, round to nearest even, NaN kept quiet (as c10::BFloat16 does).
+MG_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the row max); 0 below -87 and for -inf.
+// Cephes' polynomial on a Cody-Waite reduced argument: ~1 ulp, vectorizes to a dozen FMAs.
+MG_INLINE float exp_nonpositive(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float t = xc * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  const int32_t ni = static_cast<int32_t>(float_to_bits(t) - float_to_bits(magic));
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float pow2n = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  const float result = p * pow2n;
+  return x < -87.0f ? 0.0f : result;
+}
+
+// float64 exists only so that torch.autograd.gradcheck can check the kernels' gradients: no SIMD needed.
+MG_INLINE double exp_nonpositive(double x) { return std::exp(x); }
+
+// Element codecs: a tensor's storage type, its accumulation type and the exact conversions between them.
+struct F32 {
+  using storage = float;
+  using acc = float;
+  static MG_INLINE float load(float v) { return v; }
+  static MG_INLINE float store(float v) { return v; }
+};
+struct F16 {
+  using storage = uint16_t;
+  using acc = float;
+  static MG_INLINE float load(uint16_t v) { return half_to_float(v); }
+  static MG_INLINE uint16_t store(float v) { return float_to_half(v); }
+};
+struct BF16 {
+  using storage = uint16_t;
+  using acc = float;
+  static MG_INLINE float load(uint16_t v) { return bf16_to_float(v); }
+  static MG_INLINE uint16_t store(float v) { return float_to_bf16(v); }
+};
+
+struct F64 {
+  using storage = double;
+  using acc = double;
+  static MG_INLINE double load(double v) { return v; }
+  static MG_INLINE double store(double v) { return v; }
+};
+
+}  // namespace cpu
+}  // namespace megaglot
