@@ -1,0 +1,150 @@
+"""Point-to-point exchange between adjacent pipeline stages.
+
+Activations travel forward (stage i -> i+1), their gradients backward (i+1 -> i). Every exchange
+is one `torch.distributed.batch_isend_irecv` over the pipeline group's *global* ranks, waited on
+before returning, so a stage that sends downstream while receiving from downstream (1F1B's steady
+state) posts both halves at once and cannot deadlock with its neighbour doing the mirror image.
+
+Shapes are known ahead (`[s/tp if sequence parallel else s, micro batch, h]`), so receive buffers
+are allocated from `tensor_shape`/`dtype`; a send whose shape or dtype differs raises a clear
+error instead of letting the peer read garbage.
+
+Ordering. With p = 2 (or interleaving's ring wrap) both directions of traffic can run between the
+same two ranks in one batch. NCCL matches messages between a pair by posting order and ignores
+tags, so every batch posts forward-direction traffic (send to next, receive from previous) before
+backward-direction traffic (send to previous, receive from next); on both ends of a pair the
+activation is then matched before the gradient. Distinct tags make gloo match by kind as well.
+
+The neighbours come from `state.get_pipeline_next_rank/prev_rank`, which wrap around: under
+interleaving, the last stage's chunk v feeds the first stage's chunk v+1 through that wrap.
+On NCCL the caller must have set the CUDA device (torch.cuda.set_device) before the first call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megaglot.parallel import state
+
+_TAG_FORWARD = 1
+_TAG_BACKWARD = 2
+
+
+def _default_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_send(tensor: torch.Tensor, tensor_shape, dtype, what: str) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(tensor_shape):
+        raise ValueError(f"pipeline {what}: tensor of shape {tuple(tensor.shape)} does not match the agreed "
+                         f"tensor_shape {tuple(tensor_shape)} (expected [s/tp if sequence parallel else s, "
+                         f"micro batch, hidden])")
+    if tensor.dtype != dtype:
+        raise ValueError(f"pipeline {what}: tensor of dtype {tensor.dtype} does not match the agreed dtype {dtype}")
+    return tensor.detach().contiguous()
+
+
+def communicate(tensor_send_next: Optional[torch.Tensor], tensor_send_prev: Optional[torch.Tensor],
+                recv_prev: bool, recv_next: bool, tensor_shape: Sequence[int], dtype: torch.dtype,
+                device: Optional[torch.device] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Send/receive in both directions at once; returns (from previous stage, from next stage).
+
+    No stage logic here: a tensor that is given is sent, a receive that is asked for is posted
+    (the schedules decide, so that the interleaved ring wrap works). Received activations are
+    returned with `requires_grad` set (they are the next chunk's leaf inputs).
+    """
+    group = state.get_pipeline_parallel_group()
+    if device is None:
+        sent = tensor_send_next if tensor_send_next is not None else tensor_send_prev
+        device = sent.device if sent is not None else _default_device(group)
+    next_rank, prev_rank = state.get_pipeline_next_rank(), state.get_pipeline_prev_rank()
+    from_prev = torch.empty(tuple(tensor_shape), dtype=dtype, device=device) if recv_prev else None
+    from_next = torch.empty(tuple(tensor_shape), dtype=dtype, device=device) if recv_next else None
+    ops = []
+    # Forward-direction traffic first, then backward-direction (see the module docstring).
+    if tensor_send_next is not None:
+        ops.append(dist.P2POp(dist.isend, _check_send(tensor_send_next, tensor_shape, dtype, "send forward"),
+                              next_rank, group, _TAG_FORWARD))
+    if from_prev is not None:
+        ops.append(dist.P2POp(dist.irecv, from_prev, prev_rank, group, _TAG_FORWARD))
+    if tensor_send_prev is not None:
+        ops.append(dist.P2POp(dist.isend, _check_send(tensor_send_prev, tensor_shape, dtype, "send backward"),
+                              prev_rank, group, _TAG_BACKWARD))
+    if from_next is not None:
+        ops.append(dist.P2POp(dist.irecv, from_next, next_rank, group, _TAG_BACKWARD))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # batch_isend_irecv's waits are stream-ordered on NCCL
+    if from_prev is not None:
+        from_prev.requires_grad_()
+    return from_prev, from_next
+
+
+# ---- 1F1B helpers: they know which stages have no neighbour (ignoring virtual chunks) ----------
+def _first() -> bool:
+    return state.is_pipeline_first_stage(ignore_virtual=True)
+
+
+def _last() -> bool:
+    return state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def recv_forward(tensor_shape, dtype, device=None) -> Optional[torch.Tensor]:
+    """Activation from the previous stage (None on the first stage)."""
+    if _first():
+        return None
+    return communicate(None, None, True, False, tensor_shape, dtype, device)[0]
+
+
+def recv_backward(tensor_shape, dtype, device=None) -> Optional[torch.Tensor]:
+    """Gradient of our output from the next stage (None on the last stage)."""
+    if _last():
+        return None
+    return communicate(None, None, False, True, tensor_shape, dtype, device)[1]
+
+
+def send_forward(output: Optional[torch.Tensor], tensor_shape, dtype, device=None) -> None:
+    if _last() or output is None:
+        return
+    communicate(output, None, False, False, tensor_shape, dtype, device)
+
+
+def send_backward(input_grad: Optional[torch.Tensor], tensor_shape, dtype, device=None) -> None:
+    if _first() or input_grad is None:
+        return
+    communicate(None, input_grad, False, False, tensor_shape, dtype, device)
+
+
+def send_forward_recv_backward(output, tensor_shape, dtype, device=None) -> Optional[torch.Tensor]:
+    """Send our activation downstream and receive its gradient, in one batch (1F1B steady state)."""
+    if _last():
+        return None
+    return communicate(output, None, False, True, tensor_shape, dtype, device)[1]
+
+
+def send_backward_recv_forward(input_grad, tensor_shape, dtype, device=None) -> Optional[torch.Tensor]:
+    """Send a gradient upstream and receive the next activation from upstream, in one batch."""
+    if _first():
+        return None
+    return communicate(None, input_grad, True, False, tensor_shape, dtype, device)[0]
+
+
+# ---- interleaved helpers: the schedule decides everything (ring wrap included) ------------------
+def send_forward_recv_forward(output, recv_prev: bool, tensor_shape, dtype, device=None):
+    return communicate(output, None, recv_prev, False, tensor_shape, dtype, device)[0]
+
+
+def send_backward_recv_backward(input_grad, recv_next: bool, tensor_shape, dtype, device=None):
+    return communicate(None, input_grad, False, recv_next, tensor_shape, dtype, device)[1]
+
+
+def send_forward_backward_recv_forward_backward(output, input_grad, recv_prev: bool, recv_next: bool,
+                                                tensor_shape, dtype, device=None):
+    return communicate(output, input_grad, recv_prev, recv_next, tensor_shape, dtype, device)

@@ -1,0 +1,420 @@
+"""Pipeline schedules: no pipelining, 1F1B, and interleaved 1F1B (Narayanan et al., 2021).
+
+One entry point, `forward_backward`, picks the schedule from `megaglot.parallel.state`:
+
+* pp == 1: gradient accumulation over the M microbatches (each backpropagates loss / M).
+* pp > 1, no virtual stages: 1F1B. Stage r runs `min(p - r - 1, M)` warm-up forwards, then
+  alternates one forward and one backward, then drains the remaining backwards.
+* pp > 1, v > 1 virtual stages: Megatron's interleaved 1F1B. Chunk c of stage r holds global chunk
+  `c * p + r`; microbatches go through the chunks in groups of p. Needs M % p == 0 and M >= p.
+
+Loss. On the last stage `forward_step` returns each microbatch's scalar loss; the schedule
+backpropagates `loss / M` and returns the detached mean of the M losses. When each microbatch loss
+is a mean over the same number of tokens, that mean (and every gradient) equals one
+single-process step over the whole global batch. With unequal token counts (loss masks), weight
+the per-microbatch losses accordingly inside `forward_step`.
+
+Memory. After an activation is sent downstream its storage is replaced by a 1-element tensor
+(Megatron's `deallocate_output_tensor`): the autograd node stays alive, the next stage holds the
+data. Backward then runs through the autograd engine directly (`_backward_through`), which checks
+the incoming gradient against the node's recorded shape rather than the emptied tensor's.
+The number of stored (input, output) pairs, i.e. forwards whose backward has not run, is
+counted per chunk; `last_stats()` returns the counts of the latest call with their maxima and
+the schedule's bound (`activation_bound`):
+
+* 1F1B: `min(p - r, M)` on stage r (the warm-up forwards plus the one of the steady state);
+* interleaved: `min((p - r - 1) * 2 + (v - 1) * p + 1, M * v)` chunk activations on stage r
+  (each 1/v of a stage's layers), or all `M * v` when M == p (Megatron then runs every forward
+  first). In units of a full stage that is about `p * (1 + 1/v)` on stage 0, against 1F1B's p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from megaglot.config import ConfigError
+from megaglot.parallel import state
+from megaglot.pipeline import p2p
+from megaglot.pipeline.timeline import Timeline
+
+ForwardStep = Callable[[nn.Module, Optional[torch.Tensor], object], torch.Tensor]
+
+
+# ---- checks and bounds ------------------------------------------------------------------------
+def check_schedule(num_microbatches: int, pipeline_size: int, virtual_size: Optional[int] = None,
+                   num_layers: Optional[int] = None, num_chunks: Optional[int] = None) -> None:
+    """Raise ConfigError, naming the numbers, for a combination no schedule can run."""
+    m, p, v = num_microbatches, pipeline_size, virtual_size
+    if not isinstance(m, int) or m < 1:
+        raise ConfigError(f"the number of microbatches must be a positive integer, got {m!r} "
+                          f"(global batch / (micro batch x data-parallel size))")
+    if v is not None and v > 1:
+        if p == 1:
+            raise ConfigError(f"virtual pipeline size {v} needs --pipeline-model-parallel-size > 1, got {p}")
+        if m < p:
+            raise ConfigError(f"interleaved 1F1B needs at least as many microbatches as pipeline stages: "
+                              f"M = {m} < p = {p}")
+        if m % p:
+            raise ConfigError(f"interleaved 1F1B runs microbatches in groups of p: M = {m} is not divisible "
+                              f"by --pipeline-model-parallel-size p = {p}")
+    if num_layers is not None and num_layers % (p * (v or 1)):
+        raise ConfigError(f"--num-layers {num_layers} is not divisible by pipeline x virtual size = "
+                          f"{p} x {v or 1} = {p * (v or 1)}")
+    if num_chunks is not None and num_chunks != (v or 1):
+        raise ConfigError(f"got {num_chunks} model chunks on this rank but the virtual pipeline size is {v or 1}")
+
+
+def activation_bound(pipeline_size: int, pipeline_rank: int, num_microbatches: int,
+                     virtual_size: Optional[int] = None) -> int:
+    """Most (input, output) pairs the schedule stores at once on this stage (over all its chunks)."""
+    p, r, m, v = pipeline_size, pipeline_rank, num_microbatches, virtual_size or 1
+    if p == 1:
+        return 1
+    if v == 1:
+        return min(p - r, m)
+    if m == p:
+        return m * v
+    return min((p - r - 1) * 2 + (v - 1) * p + 1, m * v)
+
+
+@dataclass
+class ScheduleStats:
+    """Stored (input, output) pairs of the latest call: live now and the maximum seen."""
+
+    schedule: str = ""
+    live: List[int] = field(default_factory=list)
+    max_live: List[int] = field(default_factory=list)
+    live_total: int = 0
+    max_live_total: int = 0
+    bound: int = 0
+
+    def store(self, chunk: int) -> None:
+        self.live[chunk] += 1
+        self.live_total += 1
+        self.max_live[chunk] = max(self.max_live[chunk], self.live[chunk])
+        self.max_live_total = max(self.max_live_total, self.live_total)
+
+    def release(self, chunk: int) -> None:
+        self.live[chunk] -= 1
+        self.live_total -= 1
+
+
+class _Last:
+    stats: Optional[ScheduleStats] = None
+
+
+def last_stats() -> Optional[ScheduleStats]:
+    """Counters of the most recent `forward_backward` call in this process."""
+    return _Last.stats
+
+
+# ---- the pieces every schedule shares ---------------------------------------------------------
+def deallocate_output_tensor(output: Optional[torch.Tensor]) -> None:
+    """Free an output's storage once sent, keeping its autograd node (and so the graph) alive."""
+    if output is None or output._base is not None or output.grad_fn is None:
+        return  # views share storage with something still needed; leaves have no graph to keep
+    output.data = torch.empty((1,), device=output.device, dtype=output.dtype)
+
+
+def _backward_through(output: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
+    """backward(output, grad) without the shape check against the (deallocated) output tensor."""
+    if grad is None:
+        torch.autograd.backward(output)
+        return
+    torch.autograd.Variable._execution_engine.run_backward(
+        (output,), (grad,), False, False, (), True, True)  # keep_graph, create_graph, inputs, unreachable, accumulate
+
+
+class _Runner:
+    """Holds one call's arguments and runs single forward/backward steps of one chunk."""
+
+    def __init__(self, chunks, microbatches, forward_step, tensor_shape, dtype, forward_only, timeline,
+                 stats: ScheduleStats, device=None):
+        self.chunks, self.microbatches, self.forward_step = chunks, microbatches, forward_step
+        self.tensor_shape, self.dtype, self.device = tuple(tensor_shape), dtype, device
+        self.forward_only, self.timeline, self.stats = forward_only, timeline, stats
+        self.num_microbatches = len(microbatches)
+        self.loss_sum: Optional[torch.Tensor] = None
+        self.virtual = state.get_virtual_pipeline_world_size() is not None
+
+    def set_chunk(self, chunk: int) -> None:
+        if self.virtual:
+            state.set_virtual_pipeline_rank(chunk)
+
+    def forward(self, chunk: int, microbatch: int, input_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+        self.set_chunk(chunk)
+        last = state.is_pipeline_last_stage()
+        if self.timeline is not None:
+            with self.timeline.span("F", microbatch, chunk):
+                output = self.forward_step(self.chunks[chunk], input_tensor, self.microbatches[microbatch])
+        else:
+            output = self.forward_step(self.chunks[chunk], input_tensor, self.microbatches[microbatch])
+        if last:
+            if not isinstance(output, torch.Tensor) or output.numel() != 1:
+                raise ValueError("forward_step must return the microbatch's scalar loss on the last pipeline "
+                                 f"stage, got {type(output).__name__}"
+                                 f"{' of shape ' + str(tuple(output.shape)) if isinstance(output, torch.Tensor) else ''}")
+            loss = output.detach().reshape(())
+            self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss
+            output = output.reshape(()) / self.num_microbatches
+        if not self.forward_only:
+            self.stats.store(chunk)
+        return output
+
+    def backward(self, chunk: int, microbatch: int, input_tensor, output_tensor, output_grad):
+        self.set_chunk(chunk)
+        span = self.timeline.span("B", microbatch, chunk) if self.timeline is not None else _null()
+        with span:
+            if output_tensor.requires_grad:
+                _backward_through(output_tensor, output_grad)
+        self.stats.release(chunk)
+        return None if input_tensor is None else input_tensor.grad
+
+    def result(self) -> Optional[torch.Tensor]:
+        if self.loss_sum is None:
+            return None
+        return (self.loss_sum / self.num_microbatches).detach()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---- schedules --------------------------------------------------------------------------------
+def _no_pipelining(run: _Runner) -> None:
+    for i in range(run.num_microbatches):
+        output = run.forward(0, i, None)
+        if not run.forward_only:
+            run.backward(0, i, None, output, None)
+
+
+def _one_f_one_b(run: _Runner) -> None:
+    p, r, m = state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank(), run.num_microbatches
+    shape, dtype, dev = run.tensor_shape, run.dtype, run.device
+    last = state.is_pipeline_last_stage(ignore_virtual=True)
+    warmup = min(p - r - 1, m)
+    remaining = m - warmup
+    inputs: List[Optional[torch.Tensor]] = []
+    outputs: List[torch.Tensor] = []
+    fwd_i = bwd_i = 0
+
+    def send(output):
+        return None if last else output
+
+    for _ in range(warmup):
+        input_tensor = p2p.recv_forward(shape, dtype, dev)
+        output = run.forward(0, fwd_i, input_tensor)
+        fwd_i += 1
+        p2p.send_forward(send(output), shape, dtype, dev)
+        if not run.forward_only:
+            inputs.append(input_tensor)
+            outputs.append(output)
+            deallocate_output_tensor(send(output))
+
+    input_tensor = p2p.recv_forward(shape, dtype, dev) if remaining > 0 else None
+    for i in range(remaining):
+        last_iteration = i == remaining - 1
+        output = run.forward(0, fwd_i, input_tensor)
+        fwd_i += 1
+        if run.forward_only:
+            p2p.send_forward(send(output), shape, dtype, dev)
+            if not last_iteration:
+                input_tensor = p2p.recv_forward(shape, dtype, dev)
+            continue
+        output_grad = p2p.send_forward_recv_backward(send(output), shape, dtype, dev)
+        inputs.append(input_tensor)
+        outputs.append(output)
+        deallocate_output_tensor(send(output))
+        input_grad = run.backward(0, bwd_i, inputs.pop(0), outputs.pop(0), output_grad)
+        bwd_i += 1
+        if last_iteration:
+            input_tensor = None
+            p2p.send_backward(input_grad, shape, dtype, dev)
+        else:
+            input_tensor = p2p.send_backward_recv_forward(input_grad, shape, dtype, dev)
+
+    if not run.forward_only:
+        for _ in range(warmup):
+            output_grad = p2p.recv_backward(shape, dtype, dev)
+            input_grad = run.backward(0, bwd_i, inputs.pop(0), outputs.pop(0), output_grad)
+            bwd_i += 1
+            p2p.send_backward(input_grad, shape, dtype, dev)
+
+
+def _interleaved(run: _Runner) -> None:
+    """Megatron-LM's forward_backward_pipelining_with_interleaving, step for step."""
+    p, r = state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank()
+    v = len(run.chunks)
+    m = run.num_microbatches
+    shape, dtype, dev = run.tensor_shape, run.dtype, run.device
+    forward_only = run.forward_only
+    total = m * v
+    inputs: List[list] = [[] for _ in range(v)]
+    outputs: List[list] = [[] for _ in range(v)]
+    output_grads: List[list] = [[] for _ in range(v)]
+
+    all_warmup = False
+    if forward_only:
+        warmup = total
+    elif m == p:
+        warmup, all_warmup = total, True
+    else:
+        warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
+    remaining = total - warmup
+
+    def chunk_of(k: int, forward: bool) -> int:
+        c = (k % (p * v)) // p
+        return c if forward else v - c - 1
+
+    def microbatch_of(k: int) -> int:
+        return (k // (p * v)) * p + k % p
+
+    def first_stage_of(chunk):  # virtual first stage (chunk 0 on stage 0)
+        return r == 0 and chunk == 0
+
+    def last_stage_of(chunk):
+        return r == p - 1 and chunk == v - 1
+
+    def forward_k(k: int):
+        c = chunk_of(k, True)
+        if first_stage_of(c) and len(inputs[c]) == len(outputs[c]):
+            inputs[c].append(None)
+        output = run.forward(c, microbatch_of(k), inputs[c][-1])
+        outputs[c].append(output)
+        if forward_only:
+            inputs[c].pop()
+            outputs[c].pop()
+        return output
+
+    def backward_k(k: int):
+        c = chunk_of(k, False)
+        if last_stage_of(c) and len(output_grads[c]) == 0:
+            output_grads[c].append(None)
+        return run.backward(c, microbatch_of(k), inputs[c].pop(0), outputs[c].pop(0), output_grads[c].pop(0))
+
+    first_physical, last_physical = r == 0, r == p - 1
+    inputs[0].append(None if first_physical else p2p.communicate(None, None, True, False, shape, dtype, dev)[0])
+    for k in range(warmup):
+        output = forward_k(k)
+        next_c = chunk_of(k + 1, True)
+        recv_prev = not (first_physical and next_c == 0)
+        if k == total - 1:
+            recv_prev = False
+        if last_stage_of(chunk_of(k, True)):
+            output = None
+        if k == warmup - 1 and not forward_only and not all_warmup:
+            recv_next = not last_physical
+            input_tensor, output_grad = p2p.send_forward_backward_recv_forward_backward(
+                output, None, recv_prev, recv_next, shape, dtype, dev)
+            output_grads[v - 1].append(output_grad)
+        else:
+            input_tensor = p2p.send_forward_recv_forward(output, recv_prev, shape, dtype, dev)
+        inputs[next_c].append(input_tensor)
+        if not forward_only:
+            deallocate_output_tensor(output)
+
+    for k in range(remaining):
+        fk, bk = k + warmup, k
+        output = forward_k(fk)
+        input_grad = backward_k(bk)
+        if last_stage_of(chunk_of(fk, True)):
+            output = None
+        if first_stage_of(chunk_of(bk, False)):
+            input_grad = None
+
+        recv_prev = True
+        if first_physical:
+            # The first stage is p - 1 forwards ahead of the last one.
+            next_fc = chunk_of(fk - (p - 1), True)
+            if next_fc == v - 1:
+                recv_prev = False
+            next_fc += 1
+        else:
+            next_fc = chunk_of(fk + 1, True)
+        recv_next = True
+        if last_physical:
+            next_bc = chunk_of(bk - (p - 1), False)
+            if next_bc == 0:
+                recv_next = False
+            next_bc -= 1
+        else:
+            next_bc = chunk_of(bk + 1, False)
+        if k == remaining - 1:
+            recv_prev = False
+
+        input_tensor, output_grad = p2p.send_forward_backward_recv_forward_backward(
+            output, input_grad, recv_prev, recv_next, shape, dtype, dev)
+        deallocate_output_tensor(output)
+        if recv_prev:
+            inputs[next_fc].append(input_tensor)
+        if recv_next:
+            output_grads[next_bc].append(output_grad)
+
+    if not forward_only:
+        if all_warmup:
+            output_grads[v - 1].append(
+                None if last_physical else p2p.communicate(None, None, False, True, shape, dtype, dev)[1])
+        for k in range(remaining, total):
+            input_grad = backward_k(k)
+            next_bc = chunk_of(k + 1, False)
+            recv_next = not (last_physical and next_bc == v - 1)
+            if k == total - 1:
+                recv_next = False
+            if first_stage_of(chunk_of(k, False)):
+                input_grad = None
+            output_grads[next_bc].append(
+                p2p.send_backward_recv_backward(input_grad, recv_next, shape, dtype, dev))
+
+
+# ---- entry point ------------------------------------------------------------------------------
+def forward_backward(chunks: Sequence[nn.Module], microbatches: Sequence, forward_step: ForwardStep,
+                     tensor_shape: Sequence[int], dtype: torch.dtype, forward_only: bool = False,
+                     timeline: Optional[Timeline] = None, device: Optional[torch.device] = None
+                     ) -> Optional[torch.Tensor]:
+    """Run forward (and backward) of all microbatches through this rank's chunks.
+
+    chunks: this rank's model chunks, `len == virtual pipeline size` (1 when not interleaved).
+    microbatches: the same M microbatch objects on every stage (the first stage feeds them to the
+        model, the last reads labels from them).
+    forward_step(chunk, input_tensor_or_None, microbatch) -> Tensor: the scalar loss of the
+        microbatch on the last stage (`is_pipeline_last_stage()` for the current virtual rank), the
+        activation to send (`tensor_shape`, `dtype`) elsewhere. `input_tensor` is None on the
+        first stage; a received activation (requires_grad) otherwise.
+    forward_only: evaluation; no graphs are built (torch.no_grad) and nothing is stored.
+    timeline: records (op, microbatch, chunk, start, end) of every forward and backward.
+    Returns the mean loss over microbatches (detached) on the last stage, None elsewhere.
+    Gradients accumulate into the parameters' .grad (data-parallel reduction is the caller's).
+    """
+    p = state.get_pipeline_parallel_world_size()
+    v = state.get_virtual_pipeline_world_size()
+    interleaved = v is not None and v > 1
+    check_schedule(len(microbatches), p, v, num_chunks=len(chunks))
+    if p == 1:
+        name = "no-pipelining"
+    else:
+        name = "interleaved-1f1b" if interleaved else "1f1b"
+    stats = ScheduleStats(schedule=name, live=[0] * len(chunks), max_live=[0] * len(chunks),
+                          bound=activation_bound(p, state.get_pipeline_parallel_rank(), len(microbatches), v))
+    _Last.stats = stats
+    run = _Runner(list(chunks), list(microbatches), forward_step, tensor_shape, dtype, forward_only,
+                  timeline, stats, device)
+    schedule = {"no-pipelining": _no_pipelining, "1f1b": _one_f_one_b, "interleaved-1f1b": _interleaved}[name]
+    saved_vp = state.get_virtual_pipeline_rank() if v is not None else None
+    try:
+        if forward_only:
+            with torch.no_grad():
+                schedule(run)
+        else:
+            schedule(run)
+    finally:
+        if saved_vp is not None:
+            state.set_virtual_pipeline_rank(0)
+    return run.result() if state.is_pipeline_last_stage(ignore_virtual=True) else None
