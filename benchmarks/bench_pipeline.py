@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--pipeline", "-p", type=int, default=4)
     parser.add_argument("--virtual", "-v", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--microbatches", "-m", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--forward-ms", type=float, default=20.0)
+    parser.add_argument("--forward-ms", type=float, default=100.0)
     args = parser.parse_args(argv)
     p = args.pipeline
     runs = [(v, m) for v in args.virtual for m in args.microbatches if v == 1 or (m % p == 0 and m >= p)]

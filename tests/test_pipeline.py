@@ -74,7 +74,7 @@ def seq_shard(x, sp):
     return x.chunk(state.get_tensor_parallel_world_size(), dim=0)[state.get_tensor_parallel_rank()]
 
 
-def make_forward_step(sp, grad_modes=None):
+def make_forward_step(sp, grad_modes=None, sent=None):
     def forward_step(chunk, input_tensor, mb):
         if grad_modes is not None:
             grad_modes.append(torch.is_grad_enabled())
@@ -83,6 +83,8 @@ def make_forward_step(sp, grad_modes=None):
             assert input_tensor is None
         out = chunk(x)
         if not state.is_pipeline_last_stage():
+            if sent is not None:
+                sent.append(out)
             return out
         local = ((out - seq_shard(mb["y"], sp)) ** 2).sum()
         if sp:
@@ -163,7 +165,10 @@ def run_layouts(rank):
             ref_loss, ref_grads = reference(mbs)
             for chunk in chunks:
                 chunk.zero_grad(set_to_none=True)
-            loss = forward_backward(chunks, mbs, make_forward_step(sp), (s_local, B, H), torch.float32)
+            sent = []
+            loss = forward_backward(chunks, mbs, make_forward_step(sp, sent=sent), (s_local, B, H), torch.float32)
+            # Every activation sent downstream was released (storage swapped for one element).
+            assert all(out.numel() == 1 for out in sent), (what, [tuple(o.shape) for o in sent])
             if state.is_pipeline_last_stage(ignore_virtual=True):
                 torch.testing.assert_close(loss, ref_loss, **TOL, msg=lambda msg: f"{what} loss: {msg}")
             else:
