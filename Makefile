@@ -27,5 +27,14 @@ setup: $(VENV)/.stamp-build
 test: setup
 	$(PY) -m pytest -q tests
 
+# Compile every CUDA kernel source with plain nvcc (no CUDA torch needed): a syntax error fails here.
+NVCC ?= nvcc
+NVCC_ARCH ?= sm_80
+nvcc-check:
+	@tmp=$$(mktemp -d) && for f in csrc/cuda/*.cu; do \
+		echo "nvcc -c $$f (-arch=$(NVCC_ARCH))"; \
+		$(NVCC) -c -std=c++17 -O3 --use_fast_math -arch=$(NVCC_ARCH) -Icsrc $$f -o $$tmp/$$(basename $$f).o || { rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp
+
 clean:
 	rm -rf $(VENV) build *.egg-info megaglot/_C*.so

@@ -30,14 +30,33 @@ def load_extension() -> Optional[ModuleType]:
         try:
             from torch.utils import cpp_extension
 
-            sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")))
-            return cpp_extension.load("megaglot_C_jit", sources, extra_include_paths=[_CSRC],
-                                      extra_cflags=["-O3", "-std=c++17"], verbose=False)
+            return _jit_build(cpp_extension)
         except Exception as jit_error:  # a compiler error is reported, not raised: torch paths remain
             reason += f"; JIT build failed: {jit_error}"
     warnings.warn(f"{reason}; using the pure-torch/numpy fallbacks (slower). Run `make setup` to build it.",
                   RuntimeWarning, stacklevel=2)
     return None
+
+
+def _jit_build(cpp_extension) -> ModuleType:
+    """JIT-compile csrc/ like setup.py does: the CUDA sources too where a CUDA torch and toolkit exist."""
+    import torch
+
+    sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")))
+    cflags = ["-O3", "-std=c++17"]
+    with_cuda = (os.environ.get("MEGAGLOT_NO_CUDA") != "1" and torch.version.cuda is not None
+                 and cpp_extension.CUDA_HOME is not None)
+    if not with_cuda:
+        return cpp_extension.load("megaglot_C_jit", sources, extra_include_paths=[_CSRC], extra_cflags=cflags,
+                                  verbose=False)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu")))
+    define = ["-DMEGAGLOT_WITH_CUDA=1"]
+    return cpp_extension.load("megaglot_C_jit_cuda", sources, extra_include_paths=[_CSRC],
+                              extra_cflags=cflags + define,
+                              extra_cuda_cflags=["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"] + define,
+                              with_cuda=True, verbose=False)
 
 
 def available() -> dict:
