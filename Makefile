@@ -38,3 +38,7 @@ nvcc-check:
 
 clean:
 	rm -rf $(VENV) build *.egg-info megaglot/_C*.so
+
+# The embedded default: a tiny GPT-NeoX at TP=2 x PP=2 on 4 CPU processes over the bundled Korean corpus.
+demo: setup
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 4 examples/pretrain_ko.py

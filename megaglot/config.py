@@ -222,3 +222,100 @@ def check_vocab_divisible(model: ModelConfig, tp: int) -> None:
             f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary {padded} "
             f"(vocab {model.vocab_size} padded to a multiple of {model.make_vocab_size_divisible_by}); "
             f"set --make-vocab-size-divisible-by {working}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run that is neither the model's shape nor the parallel layout."""
+
+    micro_batch_size: int = 4
+    """Sequences per microbatch per data-parallel rank."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all DP ranks (a multiple of micro batch x DP)."""
+    seq_length: int = 128
+    """Tokens per sample."""
+    train_iters: int = 100
+    """Optimizer steps to run (the run ends at this iteration)."""
+    eval_interval: int = 50
+    """Validate every this many iterations (0 disables)."""
+    eval_iters: int = 4
+    """Global batches per validation."""
+    log_interval: int = 10
+    """Print and log scalars every this many iterations."""
+    seed: int = 1234
+    """Seed of initialization, dropout and data order."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of decay."""
+    lr_warmup_iters: int = 0
+    """Linear warm-up iterations."""
+    lr_decay_style: str = "cosine"
+    """cosine, linear or constant."""
+    lr_decay_iters: Optional[int] = None
+    """Iterations of decay (defaults to train_iters)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (fp16 uses dynamic loss scaling)."""
+    initial_loss_scale: float = 2.0 ** 16
+    """fp16: starting loss scale."""
+    loss_scale_window: int = 1000
+    """fp16: clean steps before the scale grows."""
+    use_distributed_optimizer: bool = False
+    """Shard fp32 master weights and Adam state over DP (ZeRO-1)."""
+    overlap_grad_reduce: bool = True
+    """Start each gradient bucket's DP reduction as soon as it is final."""
+    bucket_size: int = 40_000_000
+    """Gradient bucket size in elements."""
+    recompute_granularity: Optional[str] = None
+    """None, 'full' (every layer) or 'selective' (core attention)."""
+    data_path: Optional[list] = None
+    """Dataset prefixes, optionally with weights: ['0.7', 'ko', '0.3', 'en']; None = the bundled corpus."""
+    data_balance: Optional[str] = None
+    """'temperature:ALPHA' to weight datasets by tokens**ALPHA."""
+    split: str = "969,30,1"
+    """Train/valid/test split of documents."""
+    tokenizer: Optional[str] = None
+    """Path of a Hugging Face tokenizer.json (recorded in checkpoints)."""
+    data_cache_dir: Optional[str] = None
+    """Where sample indices are cached (default: beside the data)."""
+    save: Optional[str] = None
+    """Checkpoint root to save into."""
+    save_interval: int = 0
+    """Save every this many iterations (0: only at the end)."""
+    load: Optional[str] = None
+    """Checkpoint root or iteration directory to resume from."""
+    no_load_optim: bool = False
+    """Load only the model weights (fine-tuning from a converted checkpoint)."""
+    tensorboard_dir: Optional[str] = None
+    """Write scalars for TensorBoard here."""
+    generate_prompt: Optional[str] = None
+    """Print a greedy continuation of this prompt at the end."""
+    generate_tokens: int = 24
+    """Tokens generated for generate_prompt."""
+
+    def validate(self, data_parallel_size: int) -> int:
+        """Number of microbatches per step; a clear error when the batch sizes do not fit."""
+        if self.micro_batch_size <= 0 or self.global_batch_size <= 0:
+            raise ConfigError("--micro-batch-size and --global-batch-size must be positive")
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by --micro-batch-size x "
+                f"data-parallel size = {self.micro_batch_size} x {data_parallel_size} = {per_step}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.train_iters <= 0:
+            raise ConfigError(f"--train-iters must be positive, got {self.train_iters}")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ConfigError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        return self.global_batch_size // per_step

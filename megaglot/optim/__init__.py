@@ -1,0 +1,1 @@
+"""Data-parallel gradient buffers, mixed-precision (distributed) AdamW, loss scaling, LR schedule."""

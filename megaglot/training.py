@@ -1,0 +1,344 @@
+"""The training loop: set up the layout, model, optimizer and data, then step, log, validate, save.
+
+Launched once per rank by torchrun. NCCL on CUDA, gloo on CPU, chosen automatically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megaglot.checkpoint.training_state import load_checkpoint, save_checkpoint
+from megaglot.config import EOD_TOKEN_ID, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megaglot.data.gpt_dataset import build_train_valid_test_datasets, make_batches
+from megaglot.model import build_model_chunks, masked_mean
+from megaglot.optim.grad_buffer import GradBuffer
+from megaglot.optim.grad_scaler import DynamicGradScaler, scale_loss_gradient
+from megaglot.optim.optimizer import Optimizer, OptimizerConfig
+from megaglot.optim.schedule import LRSchedule
+from megaglot.parallel import state
+from megaglot.parallel.comm import all_gather_last_dim
+from megaglot.parallel.random import model_parallel_seed
+from megaglot.pipeline.schedules import forward_backward
+
+H100_BF16_PEAK = 989e12  # datasheet dense BF16 FLOP/s of an H100 SXM (DESIGN.md)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_flops_per_iteration(cfg: ModelConfig, batch: int, seq: int) -> float:
+    """Narayanan et al. (2021): 72 B s L h^2 (1 + s/(6h) + V/(12 L h)); recomputation not counted."""
+    h, L, V = cfg.hidden_size, cfg.num_layers, cfg.padded_vocab_size
+    return 72.0 * batch * seq * L * h * h * (1.0 + seq / (6.0 * h) + V / (12.0 * L * h))
+
+
+def init_distributed() -> torch.device:
+    """torch.distributed from torchrun's environment (a world of one when run directly)."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def log0(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+@dataclass
+class Run:
+    """Everything a step needs, built once."""
+
+    model_cfg: ModelConfig
+    parallel_cfg: ParallelConfig
+    train_cfg: TrainConfig
+    chunks: list
+    optimizer: Optimizer
+    num_microbatches: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def tensor_shape(self):
+        s = self.train_cfg.seq_length
+        if self.parallel_cfg.sequence_parallel:
+            s //= self.parallel_cfg.tensor_model_parallel_size
+        return (s, self.train_cfg.micro_batch_size, self.model_cfg.hidden_size)
+
+
+def build_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: TrainConfig,
+              device: torch.device) -> Run:
+    world = dist.get_world_size()
+    parallel_cfg.validate(model_cfg, world)
+    num_microbatches = train_cfg.validate(parallel_cfg.data_parallel_size)
+    if parallel_cfg.sequence_parallel and train_cfg.seq_length % parallel_cfg.tensor_model_parallel_size:
+        raise ConfigError(f"--seq-length {train_cfg.seq_length} is not divisible by --tensor-model-parallel-size "
+                          f"{parallel_cfg.tensor_model_parallel_size} (needed by --sequence-parallel)")
+    if train_cfg.seq_length > model_cfg.max_position_embeddings:
+        raise ConfigError(f"--seq-length {train_cfg.seq_length} exceeds the model's max_position_embeddings "
+                          f"{model_cfg.max_position_embeddings}")
+    vp = parallel_cfg.virtual_pipeline_size(model_cfg.num_layers)
+    if not state.is_initialized():
+        state.initialize(parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size, vp)
+    if vp is not None:
+        from megaglot.pipeline.schedules import check_schedule
+
+        check_schedule(num_microbatches, parallel_cfg.pipeline_model_parallel_size, vp, model_cfg.num_layers)
+    seed = train_cfg.seed
+    random.seed(seed)
+    np.random.seed(seed)
+    model_parallel_seed(seed)
+    dtype = DTYPES[train_cfg.precision]
+    chunks = build_model_chunks(model_cfg, seed=seed, sequence_parallel=parallel_cfg.sequence_parallel,
+                                recompute_granularity=train_cfg.recompute_granularity, params_dtype=dtype,
+                                device=device)
+    params = [p for c in chunks for p in c.parameters()]
+    buffer = GradBuffer(params, dp_group=state.get_data_parallel_group(),
+                        distributed_optimizer=train_cfg.use_distributed_optimizer,
+                        bucket_size=train_cfg.bucket_size, overlap=train_cfg.overlap_grad_reduce)
+    schedule = LRSchedule(max_lr=train_cfg.lr, min_lr=train_cfg.min_lr, warmup_iters=train_cfg.lr_warmup_iters,
+                          decay_iters=train_cfg.lr_decay_iters or train_cfg.train_iters,
+                          style=train_cfg.lr_decay_style)
+    scaler = (DynamicGradScaler(scale=train_cfg.initial_loss_scale, growth_interval=train_cfg.loss_scale_window)
+              if train_cfg.precision == "fp16" else None)
+    opt_cfg = OptimizerConfig(weight_decay=train_cfg.weight_decay, adam_beta1=train_cfg.adam_beta1,
+                              adam_beta2=train_cfg.adam_beta2, adam_eps=train_cfg.adam_eps,
+                              clip_grad=train_cfg.clip_grad,
+                              use_distributed_optimizer=train_cfg.use_distributed_optimizer)
+    optimizer = Optimizer(params, buffer, opt_cfg, schedule, scaler)
+    return Run(model_cfg, parallel_cfg, train_cfg, chunks, optimizer, num_microbatches, device, dtype)
+
+
+def _forward_step(run: Run, loss_scale: float):
+    def step(chunk, input_tensor, microbatch):
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in microbatch.items()}
+        out = chunk(input_tensor, batch)
+        if chunk.post_process:
+            return scale_loss_gradient(masked_mean(out, batch["loss_mask"]), loss_scale)
+        return out
+
+    return step
+
+
+def _loss_everywhere(loss: Optional[torch.Tensor], device) -> float:
+    """The last stage's loss, averaged over DP, on every rank (for logging and early stopping)."""
+    value = torch.zeros(1, dtype=torch.float32, device=device)
+    if loss is not None and state.is_pipeline_last_stage(ignore_virtual=True) and state.get_tensor_parallel_rank() == 0:
+        value += loss.float().to(device)
+    dist.all_reduce(value, group=state.get_model_parallel_group())
+    dist.all_reduce(value, group=state.get_data_parallel_group())
+    return value.item() / state.get_data_parallel_world_size()
+
+
+def train_step(run: Run, microbatches: list) -> dict:
+    """One optimizer step over this DP rank's microbatches of the global batch."""
+    for c in run.chunks:
+        c.train()
+    run.optimizer.start_step(len(microbatches))
+    loss = forward_backward(run.chunks, microbatches, _forward_step(run, run.optimizer.loss_scale),
+                            run.tensor_shape, run.dtype, device=run.device)
+    stats = run.optimizer.step()
+    stats["loss"] = _loss_everywhere(loss, run.device)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(run: Run, batches) -> float:
+    for c in run.chunks:
+        c.eval()
+    losses = []
+    for microbatches in batches:
+        loss = forward_backward(run.chunks, microbatches, _forward_step(run, 1.0), run.tensor_shape, run.dtype,
+                                forward_only=True, device=run.device)
+        losses.append(_loss_everywhere(loss, run.device))
+    return sum(losses) / max(1, len(losses))
+
+
+def _global_batches(dataset, consumed: int, run: Run):
+    """Lists of this DP rank's microbatches, one list per global batch."""
+    cfg = run.train_cfg
+    it = make_batches(dataset, consumed, cfg.micro_batch_size, state.get_data_parallel_rank(),
+                      state.get_data_parallel_world_size())
+    while True:
+        group = []
+        for _ in range(run.num_microbatches):
+            try:
+                group.append(next(it))
+            except StopIteration:
+                return
+        yield group
+
+
+@torch.no_grad()
+def generate_greedy(run: Run, prompt_ids: list, max_new_tokens: int) -> list:
+    """Greedy continuation through the pipeline (no KV cache: the demo's sequences are short)."""
+    if state.get_virtual_pipeline_world_size():
+        raise ConfigError("generation through interleaved virtual stages is not supported; "
+                          "generate with tools/generate.py from the saved checkpoint")
+    for c in run.chunks:
+        c.eval()
+    ids = list(prompt_ids)
+    tp = run.parallel_cfg.tensor_model_parallel_size
+    for _ in range(max_new_tokens):
+        n = len(ids)
+        if n >= run.model_cfg.max_position_embeddings:
+            break
+        # Causal attention: right padding never changes the logits of position n-1.
+        length = math.ceil(n / tp) * tp if run.parallel_cfg.sequence_parallel else n
+        tokens = torch.tensor([ids + [EOD_TOKEN_ID] * (length - n)], dtype=torch.long)
+        shape = (length // tp if run.parallel_cfg.sequence_parallel else length, 1, run.model_cfg.hidden_size)
+        captured = {}
+
+        def step(chunk, input_tensor, mb):
+            out = chunk(input_tensor, {"tokens": mb["tokens"].to(run.device)})
+            if chunk.post_process:
+                full = all_gather_last_dim(out[n - 1:n].float(), state.get_tensor_parallel_group())
+                captured["next"] = int(full[0, 0, :run.model_cfg.vocab_size].argmax())
+                return full.sum() * 0.0
+            return out
+
+        forward_backward(run.chunks, [{"tokens": tokens}], step, shape, run.dtype, forward_only=True,
+                         device=run.device)
+        nxt = torch.tensor([captured.get("next", -1)], dtype=torch.long, device=run.device)
+        src = state.get_state().pp_ranks[-1]
+        dist.broadcast(nxt, src=src, group=state.get_pipeline_parallel_group())
+        ids.append(int(nxt.item()))
+        if ids[-1] == EOD_TOKEN_ID:
+            break
+    return ids[len(prompt_ids):]
+
+
+def _peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+
+
+def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: TrainConfig,
+             datasets=None, tokenizer=None) -> dict:
+    """Train; returns {'losses': [...], 'valid_losses': [...], 'iteration': N} (for tests and scripts).
+
+    datasets: (train, valid, test) map-style datasets, or None to build them from train_cfg.data_path.
+    """
+    device = init_distributed()
+    run = build_run(model_cfg, parallel_cfg, train_cfg, device)
+    cfg = train_cfg
+    start_iteration, consumed = 0, 0
+    if cfg.load:
+        meta = load_checkpoint(cfg.load, chunks=run.chunks, optimizer=run.optimizer, model_cfg=model_cfg,
+                               load_optimizer=not cfg.no_load_optim)
+        start_iteration, consumed = meta["iteration"], meta["consumed_samples"]
+        log0(f"loaded {cfg.load} at iteration {start_iteration} ({consumed} samples consumed)")
+    if datasets is None:
+        datasets = build_datasets(run)
+    train_ds, valid_ds, _ = datasets
+    writer = None
+    if cfg.tensorboard_dir and dist.get_rank() == dist.get_world_size() - 1:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(cfg.tensorboard_dir)
+    losses, valid_losses = [], []
+    batches = _global_batches(train_ds, consumed, run)
+    tokens_per_iter = cfg.global_batch_size * cfg.seq_length
+    flops_per_iter = model_flops_per_iteration(model_cfg, cfg.global_batch_size, cfg.seq_length)
+    iteration = start_iteration
+    window_start, window_iters = time.perf_counter(), 0
+    while iteration < cfg.train_iters:
+        microbatches = next(batches, None)
+        if microbatches is None:
+            raise ConfigError(f"the training data ran out at iteration {iteration}; raise the sample count")
+        stats = train_step(run, microbatches)
+        iteration += 1
+        consumed += cfg.global_batch_size
+        losses.append(stats["loss"])
+        window_iters += 1
+        if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = (time.perf_counter() - window_start) / window_iters
+            tflops = flops_per_iter / elapsed / dist.get_world_size() / 1e12
+            mfu = f"{100 * tflops * 1e12 / H100_BF16_PEAK:.1f}%" if device.type == "cuda" else "n/a (CPU)"
+            log0(f"iter {iteration:6d}/{cfg.train_iters} | samples {consumed:9d} | loss {stats['loss']:.4f} | "
+                 f"lr {stats['lr']:.3e} | grad norm {stats['grad_norm']:.3f} | loss scale {stats['loss_scale']:.0f} | "
+                 f"skipped {run.optimizer.num_skipped} | {1000 * elapsed:.1f} ms/iter | "
+                 f"{tokens_per_iter / elapsed:.0f} tokens/s | {tflops:.3f} TFLOP/s/GPU | MFU {mfu} | "
+                 f"peak mem {_peak_memory_gb(device):.2f} GB")
+            if writer is not None:
+                for key in ("loss", "lr", "grad_norm", "loss_scale"):
+                    writer.add_scalar(f"train/{key}", stats[key], iteration)
+                writer.add_scalar("train/ms_per_iter", 1000 * elapsed, iteration)
+                writer.add_scalar("train/tokens_per_s", tokens_per_iter / elapsed, iteration)
+                writer.add_scalar("train/tflops_per_gpu", tflops, iteration)
+            window_start, window_iters = time.perf_counter(), 0
+        if valid_ds is not None and cfg.eval_interval and (iteration % cfg.eval_interval == 0
+                                                            or iteration == cfg.train_iters):
+            # The same held-out batches every time, so successive validation losses compare.
+            vb = _global_batches(valid_ds, 0, run)
+            valid = evaluate(run, [b for _, b in zip(range(cfg.eval_iters), vb)])
+            valid_losses.append(valid)
+            log0(f"validation at iter {iteration}: loss {valid:.4f} | perplexity {math.exp(min(valid, 50)):.2f}")
+            if writer is not None:
+                writer.add_scalar("valid/loss", valid, iteration)
+                writer.add_scalar("valid/ppl", math.exp(min(valid, 50)), iteration)
+        if cfg.save and ((cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters):
+            path = save_checkpoint(cfg.save, iteration=iteration, consumed_samples=consumed, chunks=run.chunks,
+                                   optimizer=run.optimizer, model_cfg=model_cfg,
+                                   extra={"tokenizer": cfg.tokenizer, "train": _train_record(cfg)})
+            log0(f"saved checkpoint {path}")
+    if writer is not None:
+        writer.close()
+    result = {"losses": losses, "valid_losses": valid_losses, "iteration": iteration, "run": run}
+    if cfg.generate_prompt and tokenizer is not None:
+        ids = tokenizer.encode(cfg.generate_prompt)
+        new = generate_greedy(run, ids, cfg.generate_tokens)
+        log0(f"prompt: {cfg.generate_prompt}\ncontinuation: {tokenizer.decode(new)}")
+        result["generated"] = new
+    return result
+
+
+def _train_record(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def build_datasets(run: Run):
+    """(train, valid, test) from --data-path; built on rank 0 first (it writes the index cache)."""
+    cfg = run.train_cfg
+    if not cfg.data_path:
+        raise ConfigError("--data-path is required (prefixes of .bin/.idx files from tools/preprocess_data.py)")
+    gb = cfg.global_batch_size
+    evals = cfg.eval_iters * gb if cfg.eval_interval else 0
+    counts = (cfg.train_iters * gb, evals, 0)  # the loop never reads the test split
+    kwargs = dict(split=cfg.split, seq_length=cfg.seq_length, seed=cfg.seed, num_samples=counts,
+                  cache_dir=cfg.data_cache_dir, balance=cfg.data_balance)
+    result = None
+    if dist.get_rank() == 0:
+        result = build_train_valid_test_datasets(cfg.data_path, **kwargs)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        result = build_train_valid_test_datasets(cfg.data_path, log=lambda line: None, **kwargs)
+    return result
+
+
+def shutdown() -> None:
+    if state.is_initialized():
+        state.destroy()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
