@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megaglot.config import ModelConfig
-from megaglot.model.rotary import apply_rotary, rotary_cos_sin
+from megaglot.kernels.rotary import apply_rotary_torch, fused_rotary, rotary_cos_sin
+from megaglot.kernels.softmax import scaled_upper_triang_masked_softmax
 from megaglot.parallel import state
 from megaglot.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megaglot.parallel.random import checkpoint, get_rng_tracker
-
-
-def _fused_causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
-    """scores: [b*np, s, s] -> causal softmax(scale * scores), through csrc's kernel when built."""
-    try:
-        from megaglot.kernels.softmax import scaled_upper_triang_masked_softmax
-    except ImportError:  # kernels not built into this checkout: same maths in torch
-        s = scores.shape[-1]
-        mask = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
-        return torch.softmax((scores.float() * scale).masked_fill(mask, float("-inf")), dim=-1).to(scores.dtype)
-    return scaled_upper_triang_masked_softmax(scores, scale)
 
 
 class CoreAttention(nn.Module):
@@ -56,7 +45,7 @@ class CoreAttention(nn.Module):
         kb = k.permute(1, 2, 0, 3).reshape(b * np_, s, hn)
         vb = v.permute(1, 2, 0, 3).reshape(b * np_, s, hn)
         if self.backend == "fused":
-            probs = _fused_causal_softmax(torch.bmm(qb, kb.transpose(1, 2)), self.scale)
+            probs = scaled_upper_triang_masked_softmax(torch.bmm(qb, kb.transpose(1, 2)), self.scale)
         else:
             scores = torch.bmm(qb, kb.transpose(1, 2)) * self.scale  # [b*np, s, s]
             causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
@@ -88,22 +77,21 @@ class SelfAttention(nn.Module):
             params_dtype=params_dtype, device=device)
         self.core = CoreAttention(config)
 
-    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
-        # x: [s(/tp), b, h] -> qkv [s, b, np/tp * 3 * hn]
-        qkv, _ = self.query_key_value(x)
+    def forward(self, x: torch.Tensor, position_offset: int = 0):
+        """x: `[s(/tp), b, h]`; tokens sit at positions position_offset .. position_offset + s - 1."""
+        qkv, _ = self.query_key_value(x)  # [s, b, np/tp * 3 * hn]
         s, b = qkv.shape[0], qkv.shape[1]
         qkv = qkv.view(s, b, self.heads_per_rank, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each [s, b, np/tp, hn]
         rd = self.config.rotary_ndims
         if rd > 0:
-            cos, sin = rotary_cos_sin(max(s, self.config.max_position_embeddings), rd, self.config.rotary_base,
-                                      q.device, torch.float32)
-            if position_ids is None:
-                cos, sin = cos[:s, None, None, :], sin[:s, None, None, :]  # [s, 1, 1, rd]
-            else:  # position_ids: [b, s]
-                cos, sin = cos[position_ids.t()].unsqueeze(2), sin[position_ids.t()].unsqueeze(2)
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            length = max(position_offset + s, self.config.max_position_embeddings)  # one cached table
+            cos, sin = rotary_cos_sin(length, rd, self.config.rotary_base, q.device)
+            cos, sin = cos[position_offset:position_offset + s], sin[position_offset:position_offset + s]
+            if self.config.attention_backend == "fused":
+                q, k = fused_rotary(q, k, cos, sin)
+            else:
+                q, k = apply_rotary_torch(q, cos, sin), apply_rotary_torch(k, cos, sin)
         if self.recompute_core and self.training:
             ctx = checkpoint(self.core, q, k, v)
         else:

@@ -96,7 +96,8 @@ class GPTChunk(nn.Module):
             param.global_name = ".".join(parts)
 
     def forward(self, input_tensor: Optional[torch.Tensor], batch: dict) -> torch.Tensor:
-        position_ids = batch.get("position_ids")
+        # Positions are 0..s-1 (GPT samples never reset them); `position_offset` is for generation.
+        position_offset = int(batch.get("position_offset", 0))
         if self.pre_process:
             hidden = self.embed_in(batch["tokens"].t())  # [s(/tp), b, h]
             p = self.config.hidden_dropout if self.training else 0.0
@@ -109,9 +110,9 @@ class GPTChunk(nn.Module):
             hidden = input_tensor
         for layer in self.layers:
             if self.recompute_full and self.training:
-                hidden = checkpoint(layer, hidden, position_ids)
+                hidden = checkpoint(layer, hidden, position_offset)
             else:
-                hidden = layer(hidden, position_ids)
+                hidden = layer(hidden, position_offset)
         if not self.post_process:
             return hidden
         hidden = self.final_layer_norm(hidden)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,9 +68,9 @@ class TransformerBlock(nn.Module):
         with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
             return F.dropout(x, p=p, training=True)
 
-    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
         # x: [s(/tp), b, h]
-        attn = self._dropout(*self.attention(self.input_layernorm(x), position_ids))
+        attn = self._dropout(*self.attention(self.input_layernorm(x), position_offset))
         if self.config.use_parallel_residual:
             mlp = self._dropout(*self.mlp(self.post_attention_layernorm(x)))
             return mlp + attn + x  # Hugging Face's order of additions
