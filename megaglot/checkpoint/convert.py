@@ -1,0 +1,517 @@
+"""Hugging Face GPT-NeoX directory <-> megaglot checkpoint, offline, one tensor at a time.
+
+    import_hf(hf_dir, save, tp, pp, layers_per_virtual_stage=None)  -> the published iteration dir
+    export_hf(load, hf_dir, tokenizer=None)                           -> hf_dir
+
+No process groups: the target TP/PP ranks are iterated here and each full tensor is cut with
+`sharding.shard`. Memory stays near one tensor (plus its TP shards), whatever the model size:
+
+- import reads one source tensor at a time (safetensors through `safe_open`; `.bin` files through
+  `torch.load(mmap=True, weights_only=True)`, one shard file open at a time) and streams each TP
+  shard straight into its part file. A part (`model_tpXX_ppYY`, one per target TP/PP shard: that stage's layers
+  over all its virtual chunks, the embedding on the first stage, final norm and output layer on
+  the last) is a safetensors file whose header is planned from the source's shapes and dtypes
+  before any data is read, so nothing accumulates. Every check (config, layout, missing, unexpected and
+  misshapen tensors) runs before the first byte is written; the checkpoint is staged and
+  published (`latest` last), so a failure never leaves a partial checkpoint behind.
+- export assembles one full tensor at a time from a checkpoint of any layout and streams it into
+  Hugging Face safetensors files of at most `max_shard_bytes` each (one file, or several with
+  `model.safetensors.index.json`), in a staging directory renamed into place at the end.
+
+Tensors keep their dtype (Polyglot-Ko ships float16), so HF -> megaglot -> HF is bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+
+from megaglot.checkpoint.format import (MODEL, CheckpointError, CheckpointReader, iteration_dir_name, publish,
+                                        resolve, staging_dir, write_json, write_metadata)
+from megaglot.checkpoint.hf import (VOCAB_PADDED, hf_config_from_model_config, hf_name, hf_names,
+                                    is_ignored_hf_tensor, model_config_from_hf)
+from megaglot.checkpoint.sharding import shard
+from megaglot.config import ConfigError, ModelConfig, ParallelConfig
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "tokenizer.model")
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+# ---- the model's parameters, without building it ---------------------------------------------
+def parameter_specs(cfg: ModelConfig) -> Dict[str, Tuple[Tuple[int, ...], Optional[int]]]:
+    """{global name: (global shape, partition dim)} in model order, from the model itself (meta device)."""
+    from megaglot.model.gpt import GPTChunk  # the model floor sits below tools, not below checkpoint
+
+    chunk = GPTChunk(cfg, range(cfg.num_layers), pre_process=True, post_process=True, device="meta")
+    return {p.global_name: (tuple(p.global_shape), p.partition_dim) for p in chunk.parameters()}
+
+
+def stage_names(specs, cfg: ModelConfig, pp: int, vp: int, pp_rank: int) -> List[str]:
+    """The global names pipeline stage `pp_rank` holds: its layers over all its virtual chunks, the
+    embedding on the first stage, the final norm and output layer on the last."""
+    from megaglot.model.gpt import layers_of_chunk
+
+    layers = set()
+    for chunk in range(vp):
+        layers.update(layers_of_chunk(cfg.num_layers, pp, vp, pp_rank, chunk))
+    names = []
+    for name in specs:
+        if name.startswith("layers."):
+            if int(name.split(".")[1]) in layers:
+                names.append(name)
+        elif name.startswith("embed_in."):
+            if pp_rank == 0:
+                names.append(name)
+        elif pp_rank == pp - 1:
+            names.append(name)
+    return names
+
+
+def part_name(tp_rank: int, pp_rank: int) -> str:
+    return f"model_tp{tp_rank:02d}_pp{pp_rank:02d}"
+
+
+# ---- reading a Hugging Face directory lazily --------------------------------------------------
+def _read_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir}: no such directory")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing; --hf-dir must be a Hugging Face model directory")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return config
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class HFWeights:
+    """The tensors of a Hugging Face directory, by name, read one at a time.
+
+    Accepts model.safetensors, pytorch_model.bin and their sharded forms with an index file.
+    Shapes and dtypes come from the files' headers (safetensors) or a memory-mapped load (.bin,
+    whose tensors are not read until touched); at most one .bin shard is mapped at a time.
+    """
+
+    def __init__(self, hf_dir: str):
+        self.hf_dir = hf_dir
+        self.file_of: Dict[str, str] = {}
+        self.meta: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
+        self._open_file, self._open = None, None
+        single_st, single_bin = "model.safetensors", "pytorch_model.bin"
+        if os.path.isfile(os.path.join(hf_dir, SAFETENSORS_INDEX)):
+            self.format, files = "safetensors", self._from_index(SAFETENSORS_INDEX)
+        elif os.path.isfile(os.path.join(hf_dir, single_st)):
+            self.format, files = "safetensors", [single_st]
+        elif os.path.isfile(os.path.join(hf_dir, BIN_INDEX)):
+            self.format, files = "bin", self._from_index(BIN_INDEX)
+        elif os.path.isfile(os.path.join(hf_dir, single_bin)):
+            self.format, files = "bin", [single_bin]
+        else:
+            raise CheckpointError(f"{hf_dir}: no weights (model.safetensors, pytorch_model.bin or their "
+                                  f"sharded forms with {SAFETENSORS_INDEX} / {BIN_INDEX})")
+        self.files = files
+        for file in files:
+            path = os.path.join(hf_dir, file)
+            if self.format == "safetensors":
+                with self._safe_open(path) as handle:
+                    for name in handle.keys():
+                        sl = handle.get_slice(name)
+                        dtype = _TORCH_DTYPES.get(sl.get_dtype())
+                        if dtype is None:
+                            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                        self._record(name, file, tuple(sl.get_shape()), dtype)
+            else:
+                for name, tensor in self._load_bin(file).items():
+                    self._record(name, file, tuple(tensor.shape), tensor.dtype)
+                self._close()
+
+    def _from_index(self, index_file: str) -> List[str]:
+        path = os.path.join(self.hf_dir, index_file)
+        try:
+            with open(path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a valid index file ({type(e).__name__}: {e})") from None
+        files = list(dict.fromkeys(weight_map.values()))
+        for file in files:
+            if not os.path.isfile(os.path.join(self.hf_dir, file)):
+                raise CheckpointError(f"{path}: refers to missing shard {file}")
+        self._index = weight_map
+        return files
+
+    def _record(self, name, file, shape, dtype):
+        index = getattr(self, "_index", None)
+        if index is not None and index.get(name, file) != file:
+            return  # the index says another file holds it
+        self.file_of[name] = file
+        self.meta[name] = (shape, dtype)
+
+    @staticmethod
+    def _safe_open(path):
+        try:
+            return safe_open(path, framework="pt")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+
+    def _load_bin(self, file: str) -> dict:
+        path = os.path.join(self.hf_dir, file)
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                # legacy (pre-zip) torch.save format cannot be mapped: load this one shard whole
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch state dict ({_one_line(e)})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        self._open_file, self._open = file, state
+        return state
+
+    def _close(self):
+        self._open_file, self._open = None, None
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.file_of[name]
+        if self.format == "safetensors":
+            with safe_open(os.path.join(self.hf_dir, file), framework="pt") as handle:
+                return handle.get_tensor(name)
+        state = self._open if self._open_file == file else self._load_bin(file)
+        return state[name]
+
+    def close(self):
+        self._close()
+
+
+# ---- safetensors files written tensor by tensor --------------------------------------------
+class StreamingSafetensors:
+    """A safetensors file whose header is planned up front from (key, dtype, shape) entries, then
+    filled one tensor at a time in that order: memory stays at one tensor, whatever the file size.
+    Readable by `safetensors.safe_open` / transformers like any other safetensors file."""
+
+    def __init__(self, path: str, entries: List[Tuple[str, torch.dtype, Tuple[int, ...]]], metadata=None):
+        self.path, self.entries = path, entries
+        header, offset = {}, 0
+        for key, dtype, shape in entries:
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = dict(metadata or {"format": "pt"})
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        want_key, dtype, shape = self.entries[self._next]
+        if key != want_key or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise RuntimeError(f"{self.path}: got {key} {tuple(tensor.shape)} {tensor.dtype}, planned "
+                               f"{want_key} {tuple(shape)} {dtype}")
+        flat = tensor.detach().reshape(-1).contiguous()
+        self._f.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.entries):
+            raise RuntimeError(f"{self.path}: {self._next} of {len(self.entries)} planned tensors written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+class StreamingPartWriter:
+    """Writes `<part>.safetensors` and `<part>.index.json` as `format.PieceWriter` does (flat
+    whole TP shards, keys `model/<name>/tp<rank>/0`, the same index entries), streaming each
+    shard to disk as it comes instead of collecting the part in memory."""
+
+    def __init__(self, directory: str, part: str, plan: List[dict]):
+        """plan: dicts with kind, name, global_shape, partition_dim, tp_size, tp_rank, numel, dtype."""
+        self.directory, self.part, self.plan = directory, part, plan
+        for entry in plan:
+            entry["key"] = f"{entry['kind']}/{entry['name']}/tp{entry['tp_rank']}/0"
+        self.file = f"{part}.safetensors"
+        os.makedirs(directory, exist_ok=True)
+        self._st = StreamingSafetensors(os.path.join(directory, self.file),
+                                        [(e["key"], e["dtype"], (e["numel"],)) for e in plan])
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        entry = self.plan[self._next]
+        if entry["name"] != name:
+            raise RuntimeError(f"{self._st.path}: got {name}, planned {entry['name']}")
+        self._st.write(entry["key"], tensor.reshape(-1))
+        self._next += 1
+
+    def close(self) -> None:
+        self._st.close()
+        index = [dict(kind=e["kind"], name=e["name"], global_shape=list(e["global_shape"]),
+                      partition_dim=e["partition_dim"], tp_size=e["tp_size"], tp_rank=e["tp_rank"], start=0,
+                      end=e["numel"], key=e["key"], file=self.file) for e in self.plan]
+        write_json(os.path.join(self.directory, f"{self.part}.index.json"), {"pieces": index})
+
+    def abort(self) -> None:
+        self._st.abort()
+
+
+# ---- import ----------------------------------------------------------------------------------
+def _source_names(weights: HFWeights, specs, cfg: ModelConfig, where: str,
+                  vocab_rows: Optional[int] = None) -> Dict[str, str]:
+    """{global name: HF name}, with every check on names and shapes done before anything is written."""
+    found = {}
+    for name, (shape, _) in specs.items():
+        candidates = [n for n in hf_names(name) if n in weights.meta]
+        if not candidates:
+            raise CheckpointError(f"{where}: missing tensor {' or '.join(hf_names(name))} "
+                                  f"(config.json says {cfg.num_layers} layers)")
+        src = candidates[0]
+        have = weights.meta[src][0]
+        if name in VOCAB_PADDED:
+            rows = have[0] if len(have) == 2 else -1
+            if vocab_rows is None:  # as config.json says: its vocabulary, or already padded
+                ok = rows in (cfg.vocab_size, cfg.padded_vocab_size)
+                want = f"({cfg.vocab_size} or {cfg.padded_vocab_size}, {shape[1]})"
+            else:  # --vocab-size below config.json's: the stored rows are kept (as padding)
+                ok = cfg.vocab_size <= rows <= cfg.padded_vocab_size
+                want = f"({vocab_rows}, {shape[1]}) with --vocab-size {cfg.vocab_size}"
+            ok = ok and have[1:] == shape[1:]
+        else:
+            ok, want = have == shape, str(shape)
+        if not ok:
+            raise CheckpointError(f"{where}: tensor {src} ({weights.file_of[src]}) has shape {have}, "
+                                  f"config.json implies {want}")
+        found[name] = src
+    used = set(found.values())
+    extra = sorted(n for n in weights.meta if n not in used and not is_ignored_hf_tensor(n)
+                   and not (n == "lm_head.weight" and "embed_out.weight" in used)
+                   and not (n == "embed_out.weight" and "lm_head.weight" in used))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor {extra[0]} ({len(extra)} in all) that config.json "
+                              f"({cfg.num_layers} layers) does not describe")
+    return found
+
+
+def _padded(tensor: torch.Tensor, name: str, cfg: ModelConfig) -> torch.Tensor:
+    if name not in VOCAB_PADDED or tensor.shape[0] == cfg.padded_vocab_size:
+        return tensor
+    padded = tensor.new_zeros((cfg.padded_vocab_size,) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    return padded
+
+
+def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage: Optional[int] = None, *,
+              vocab_size: Optional[int] = None, log=None) -> str:
+    """Convert a Hugging Face GPT-NeoX directory into a megaglot checkpoint (iteration 0) at TP=tp,
+    PP=pp (and `layers_per_virtual_stage` layers per virtual stage). `vocab_size` overrides
+    config.json's (Polyglot-Ko's say 30080, the padded size; 30003 is the tokenizer's), keeping
+    the stored rows. Returns the published iteration directory."""
+    log = log or (lambda msg: None)
+    hf_config = _read_config(hf_dir)
+    overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
+    cfg = model_config_from_hf(hf_config, os.path.join(hf_dir, "config.json"), **overrides)
+    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                   num_layers_per_virtual_pipeline_stage=layers_per_virtual_stage).validate(cfg)
+    vp = cfg.num_layers // (pp * layers_per_virtual_stage) if layers_per_virtual_stage else 1
+    final = os.path.join(save, iteration_dir_name(0))
+    if os.path.exists(os.path.join(save, "latest")) or os.path.exists(final):
+        raise CheckpointError(f"{save}: already holds a checkpoint; choose a new --save directory "
+                              f"(nothing was written)")
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise CheckpointError(f"{save}: exists and is not a directory")
+
+    weights = HFWeights(hf_dir)
+    specs = parameter_specs(cfg)
+    sources = _source_names(weights, specs, cfg, hf_dir, None if vocab_size is None else hf_config.get("vocab_size"))
+    file_order = {f: i for i, f in enumerate(weights.files)}
+
+    staged = staging_dir(save, 0)
+    shutil.rmtree(staged, ignore_errors=True)  # a leftover of an interrupted conversion
+    writers: List[StreamingPartWriter] = []
+    try:
+        for pp_rank in range(pp):
+            names = stage_names(specs, cfg, pp, vp, pp_rank)
+            # read a stage's tensors together, file by file (one .bin shard mapped at a time)
+            names.sort(key=lambda n: file_order[weights.file_of[sources[n]]])
+            writers = []
+            for tp_rank in range(tp):
+                plan = []
+                for name in names:
+                    shape, dim = specs[name]
+                    numel = 1
+                    for d in shape:
+                        numel *= d
+                    plan.append(dict(kind=MODEL, name=name, global_shape=shape, partition_dim=dim,
+                                     tp_size=tp, tp_rank=tp_rank, numel=numel // (tp if dim is not None else 1),
+                                     dtype=weights.meta[sources[name]][1]))
+                writers.append(StreamingPartWriter(staged, part_name(tp_rank, pp_rank), plan))
+            for name in names:
+                full = _padded(weights.get(sources[name]), name, cfg)
+                _, dim = specs[name]
+                for tp_rank, writer in enumerate(writers):
+                    writer.write(name, shard(full, dim, tp, tp_rank))
+                del full
+            for writer in writers:
+                writer.close()
+            log(f"stage {pp_rank + 1}/{pp}: {len(names)} tensors x {tp} TP shards written")
+        weights.close()
+        write_metadata(staged, iteration=0, consumed_samples=0, model=cfg.to_dict(),
+                       parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                                 "num_layers_per_virtual_pipeline_stage": layers_per_virtual_stage,
+                                 "data_parallel_size": 1, "sequence_parallel": False,
+                                 "use_distributed_optimizer": False},
+                       optimizer=None, scheduler=None, grad_scaler=None,
+                       source={"hf_dir": os.path.abspath(hf_dir), "format": weights.format})
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return publish(save, 0)
+
+
+# ---- export ----------------------------------------------------------------------------------
+def _stored_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
+    piece = reader.info(MODEL, name)
+    with safe_open(os.path.join(reader.directory, piece.file), framework="pt") as handle:
+        return _TORCH_DTYPES[handle.get_slice(piece.key).get_dtype()]
+
+
+def _release_mappings(reader: CheckpointReader) -> None:
+    """CheckpointReader keeps every part file open (memory-mapped); the pages a full tensor was
+    read from then stay mapped and count in the resident set until the whole export ends. Drop
+    the handles after each tensor (reopening costs a header parse) so RSS stays near one tensor."""
+    handles = getattr(reader, "_handles", None)
+    if isinstance(handles, dict):
+        handles.clear()
+
+
+def _copy_tokenizer(tokenizer: str, out: str) -> List[str]:
+    if os.path.isdir(tokenizer):
+        files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, f))]
+        if not files:
+            raise CheckpointError(f"{tokenizer}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        for f in files:
+            shutil.copy2(os.path.join(tokenizer, f), os.path.join(out, f))
+        return files
+    if not os.path.isfile(tokenizer):
+        raise CheckpointError(f"{tokenizer}: no such tokenizer file or directory")
+    shutil.copy2(tokenizer, os.path.join(out, os.path.basename(tokenizer)))
+    return [os.path.basename(tokenizer)]
+
+
+def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=None) -> str:
+    """Write the model of megaglot checkpoint `load` (a root with `latest`, or an iteration
+    directory; any layout) as a Hugging Face GPT-NeoX directory `hf_dir` with the vocabulary
+    un-padded. `tokenizer`: a tokenizer.json, or a directory whose tokenizer files are copied."""
+    log = log or (lambda msg: None)
+    if not os.path.isdir(load):
+        raise CheckpointError(f"{load}: no such checkpoint directory")
+    reader = CheckpointReader(resolve(load))
+    meta_path = os.path.join(reader.directory, "metadata.json")
+    if "model" not in reader.metadata:
+        raise CheckpointError(f"{meta_path}: no model config")
+    cfg = ModelConfig.from_dict(reader.metadata["model"])
+    if tokenizer is not None and not os.path.exists(tokenizer):
+        raise CheckpointError(f"{tokenizer}: no such tokenizer file or directory")
+    if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
+        raise CheckpointError(f"{hf_dir}: exists and is not an empty directory; choose a new --hf-dir")
+    specs = parameter_specs(cfg)
+    missing = [n for n in specs if not reader.has(MODEL, n)]
+    if missing:
+        raise CheckpointError(f"{reader.directory}: missing model tensor {missing[0]} ({len(missing)} in all)")
+    for name, (shape, _) in specs.items():
+        if tuple(reader.info(MODEL, name).global_shape) != shape:
+            raise CheckpointError(f"{reader.directory}: tensor {name} has global shape "
+                                  f"{tuple(reader.info(MODEL, name).global_shape)}, its model config implies {shape}")
+
+    # plan the files: model order, a new file when the next tensor would pass max_shard_bytes
+    dtypes = {name: _stored_dtype(reader, name) for name in specs}
+    files: List[List[str]] = [[]]
+    shapes, size, total = {}, 0, 0
+    for name, (shape, _) in specs.items():
+        shapes[name] = ((cfg.vocab_size,) + shape[1:]) if name in VOCAB_PADDED else shape
+        numel = 1
+        for d in shapes[name]:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtypes[name]).element_size()
+        if files[-1] and size + nbytes > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(name)
+        size, total = size + nbytes, total + nbytes
+    n = len(files)
+    file_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    parent = os.path.dirname(os.path.abspath(hf_dir))
+    os.makedirs(parent, exist_ok=True)
+    staged = os.path.join(parent, f".{os.path.basename(os.path.abspath(hf_dir))}.export-tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    os.makedirs(staged)
+    try:
+        weight_map = {}
+        for file, names in zip(file_names, files):
+            entries = [(hf_name(name), dtypes[name], shapes[name]) for name in names]
+            writer = StreamingSafetensors(os.path.join(staged, file), entries)
+            try:
+                for name in names:
+                    full = reader.full_tensor(MODEL, name)
+                    if name in VOCAB_PADDED:
+                        full = full[: cfg.vocab_size]
+                    writer.write(hf_name(name), full)
+                    weight_map[hf_name(name)] = file
+                    del full
+                    _release_mappings(reader)
+                writer.close()
+            finally:
+                writer.abort()
+            log(f"wrote {file} ({len(names)} tensors)")
+        if n > 1:
+            write_json(os.path.join(staged, SAFETENSORS_INDEX),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+        config = hf_config_from_model_config(cfg)
+        dtype_name = str(dtypes["embed_in.weight"]).replace("torch.", "")
+        config["torch_dtype"] = dtype_name
+        write_json(os.path.join(staged, "config.json"), config)
+        if tokenizer is not None:
+            copied = _copy_tokenizer(tokenizer, staged)
+            log(f"copied tokenizer files: {', '.join(copied)}")
+        if os.path.isdir(hf_dir):
+            os.rmdir(hf_dir)  # empty, checked above
+        os.replace(staged, hf_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return hf_dir

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Hugging Face GPT-NeoX (Polyglot-Ko) <-> megaglot checkpoint: the command-line face of
+megaglot.checkpoint.convert. Runs on CPU, no torch.distributed, one tensor at a time.
+
+    python tools/convert_hf.py import --hf-dir polyglot-ko-1.3b --save ckpt/ko-1.3b \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 [--num-layers-per-virtual-pipeline-stage K]
+    python tools/convert_hf.py export --load ckpt/ko-1.3b --hf-dir out/ko-1.3b-hf --tokenizer polyglot-ko-1.3b
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaglot.checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, export_hf, import_hf  # noqa: E402
+from megaglot.checkpoint.format import CheckpointError  # noqa: E402
+from megaglot.config import ConfigError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="Hugging Face directory -> megaglot checkpoint (iteration 0)")
+    imp.add_argument("--hf-dir", required=True,
+                     help="GPT-NeoX directory: config.json + model.safetensors / pytorch_model.bin (or sharded, "
+                          "with their index file)")
+    imp.add_argument("--save", required=True, help="new megaglot checkpoint root (gets iter_0000000 and latest)")
+    imp.add_argument("--tensor-model-parallel-size", type=int, default=1, help="target TP (default 1)")
+    imp.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP (default 1)")
+    imp.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                     help="layers per virtual stage (interleaved 1F1B); default: one chunk per stage")
+    imp.add_argument("--vocab-size", type=int, default=None,
+                     help="the tokenizer's vocabulary when config.json gives the padded one (Polyglot-Ko's say "
+                          "30080; pass 30003 to match --model polyglot-ko-*); stored rows are kept")
+    exp = sub.add_parser("export", help="megaglot checkpoint (any layout) -> Hugging Face directory")
+    exp.add_argument("--load", required=True, help="checkpoint root (follows 'latest') or an iteration directory")
+    exp.add_argument("--hf-dir", required=True, help="output directory (new or empty)")
+    exp.add_argument("--tokenizer", default=None, help="tokenizer.json, or a directory whose tokenizer files to copy")
+    exp.add_argument("--max-shard-size-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2 ** 20,
+                     help="largest safetensors file; more files get model.safetensors.index.json (default 2048)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    start = time.time()
+    try:
+        if args.command == "import":
+            out = import_hf(args.hf_dir, args.save, args.tensor_model_parallel_size,
+                            args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage,
+                            vocab_size=args.vocab_size, log=log)
+        else:
+            out = export_hf(args.load, args.hf_dir, args.tokenizer,
+                            max_shard_bytes=int(args.max_shard_size_mb * 2 ** 20), log=log)
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log(f"{args.command}: wrote {out} in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
