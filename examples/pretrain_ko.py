@@ -112,12 +112,12 @@ def build_configs(args, world: int):
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
         sequence_parallel=args.sequence_parallel)
     seq = args.seq_length or (128 if demo or model.name.startswith("tiny") else 2048)
-    train_iters = args.train_iters or (150 if demo else 100)
+    train_iters = args.train_iters or 100
     train = TrainConfig(
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size, seq_length=seq,
-        train_iters=train_iters, eval_interval=args.eval_interval or (50 if demo else 100),
+        train_iters=train_iters, eval_interval=args.eval_interval or (20 if demo else 100),
         eval_iters=args.eval_iters, log_interval=args.log_interval or (10 if demo else 1), seed=args.seed,
-        lr=args.lr or (2e-3 if demo else 3e-4), min_lr=args.min_lr if args.min_lr is not None else (2e-4 if demo else 3e-5),
+        lr=args.lr or (1e-3 if demo else 3e-4), min_lr=args.min_lr if args.min_lr is not None else (1e-4 if demo else 3e-5),
         lr_warmup_iters=args.lr_warmup_iters if args.lr_warmup_iters is not None else (10 if demo else 0),
         lr_decay_style=args.lr_decay_style, lr_decay_iters=args.lr_decay_iters, weight_decay=args.weight_decay,
         clip_grad=args.clip_grad, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
@@ -140,7 +140,7 @@ def prepare_demo_data(train, model):
 
     prefix = tok = None
     if dist.get_rank() == 0:
-        prefix, tok = ensure_preprocessed(DEMO_CORPUS, os.path.join(DEMO_CACHE, "ko_sample"),
+        prefix, tok = ensure_preprocessed(DEMO_CORPUS, os.path.join(DEMO_CACHE, f"v{model.vocab_size}", "ko_sample"),
                                           vocab_size=model.vocab_size, lang="ko")
     shared = [prefix, tok]
     dist.broadcast_object_list(shared, src=0)

@@ -259,6 +259,8 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
     tokens_per_iter = cfg.global_batch_size * cfg.seq_length
     flops_per_iter = model_flops_per_iteration(model_cfg, cfg.global_batch_size, cfg.seq_length)
     iteration = start_iteration
+    if valid_ds is not None and cfg.eval_interval and iteration == 0:
+        valid_losses.append(_validate(run, valid_ds, iteration, writer))  # the starting point of the curve
     window_start, window_iters = time.perf_counter(), 0
     while iteration < cfg.train_iters:
         microbatches = next(batches, None)
@@ -289,14 +291,7 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
             window_start, window_iters = time.perf_counter(), 0
         if valid_ds is not None and cfg.eval_interval and (iteration % cfg.eval_interval == 0
                                                             or iteration == cfg.train_iters):
-            # The same held-out batches every time, so successive validation losses compare.
-            vb = _global_batches(valid_ds, 0, run)
-            valid = evaluate(run, [b for _, b in zip(range(cfg.eval_iters), vb)])
-            valid_losses.append(valid)
-            log0(f"validation at iter {iteration}: loss {valid:.4f} | perplexity {math.exp(min(valid, 50)):.2f}")
-            if writer is not None:
-                writer.add_scalar("valid/loss", valid, iteration)
-                writer.add_scalar("valid/ppl", math.exp(min(valid, 50)), iteration)
+            valid_losses.append(_validate(run, valid_ds, iteration, writer))
         if cfg.save and ((cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters):
             path = save_checkpoint(cfg.save, iteration=iteration, consumed_samples=consumed, chunks=run.chunks,
                                    optimizer=run.optimizer, model_cfg=model_cfg,
@@ -311,6 +306,18 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
         log0(f"prompt: {cfg.generate_prompt}\ncontinuation: {tokenizer.decode(new)}")
         result["generated"] = new
     return result
+
+
+def _validate(run: Run, valid_ds, iteration: int, writer) -> float:
+    """Loss on the same held-out batches every time, so successive values compare."""
+    cfg = run.train_cfg
+    batches = _global_batches(valid_ds, 0, run)
+    loss = evaluate(run, [b for _, b in zip(range(cfg.eval_iters), batches)])
+    log0(f"validation at iter {iteration}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
+    if writer is not None:
+        writer.add_scalar("valid/loss", loss, iteration)
+        writer.add_scalar("valid/ppl", math.exp(min(loss, 50)), iteration)
+    return loss
 
 
 def _train_record(cfg: TrainConfig) -> dict:
