@@ -2,25 +2,8 @@
 
 import numpy as np
 
+from megaglot.data.gpt_dataset import build_sample_idx_reference as reference_sample_idx
 from megaglot.kernels import available, load_extension
-
-
-def reference_sample_idx(sizes, doc_idx, seq_length, num_samples):
-    out = np.zeros((num_samples + 1, 2), dtype=np.int64)
-    index, offset = 0, 0
-    for sample in range(1, num_samples + 1):
-        remaining = seq_length + 1
-        while remaining != 0:
-            length = int(sizes[doc_idx[index]]) - offset
-            remaining -= length
-            if remaining <= 0:
-                offset += remaining + length - 1
-                remaining = 0
-            else:
-                index += 1
-                offset = 0
-        out[sample] = (index, offset)
-    return out
 
 
 def test_extension_is_built():

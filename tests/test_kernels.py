@@ -15,6 +15,7 @@ from megaglot.kernels import (apply_rotary_torch, available, fused_rotary, rotar
                               scaled_softmax, scaled_upper_triang_masked_softmax)
 from megaglot.kernels import rotary as rotary_mod
 from megaglot.kernels import softmax as softmax_mod
+from megaglot.kernels import extension as extension_mod
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (atol, rtol) for probabilities in [0, 1] and for their gradients, per storage dtype.
@@ -252,8 +253,7 @@ def test_rotary_cos_sin_is_cached_and_bounded():
 
 
 def test_pure_torch_fallback_matches(monkeypatch):
-    monkeypatch.setattr(softmax_mod, "load_extension", lambda: None)
-    monkeypatch.setattr(rotary_mod, "load_extension", lambda: None)
+    monkeypatch.setattr(extension_mod, "load_extension", lambda: None)
     check_softmax_variant("causal", torch.float32, (2, 9, 9))
     check_softmax_variant("masked", torch.bfloat16, (2, 2, 5, 11), mask_batch=2)
     check_softmax_variant("none", torch.float16, (1, 2, 3, 5))
@@ -270,15 +270,15 @@ def test_stale_extension_warns_once(monkeypatch):
         def with_cuda():
             return False
 
-    monkeypatch.setattr(softmax_mod, "load_extension", lambda: Stale())
-    softmax_mod._warn_once.cache_clear()
+    monkeypatch.setattr(extension_mod, "load_extension", lambda: Stale())
+    extension_mod.warn_once.cache_clear()
     x = torch.randn(1, 2, 4, 4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
             scaled_softmax(x, 1.0)
     assert len([w for w in caught if "scaled_softmax_forward" in str(w.message)]) == 1
-    softmax_mod._warn_once.cache_clear()
+    extension_mod.warn_once.cache_clear()
 
 
 @pytest.mark.parametrize("call, error, message", [
@@ -321,7 +321,7 @@ def test_rotary_errors(call, error, message):
 
 def test_compiled_functions_check_their_inputs():
     """Direct callers of megaglot._C get clear errors too, not a crash."""
-    ext = softmax_mod.load_extension()
+    ext = extension_mod.load_extension()
     with pytest.raises(RuntimeError, match="sq == sk"):
         ext.scaled_upper_triang_masked_softmax_forward(torch.randn(2, 3, 4), 1.0)
     with pytest.raises(RuntimeError, match="mask must be"):

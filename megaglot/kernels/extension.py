@@ -67,3 +67,28 @@ def available() -> dict:
     functions = sorted(name for name in dir(ext) if not name.startswith("_"))
     return {"extension": True, "cuda": bool(getattr(ext, "with_cuda", lambda: False)()),
             "functions": functions}
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def kernel_for(name: str, tensor, what: str):
+    """The compiled function `name` for this tensor's device, or None (one warning) to use pure torch."""
+    ext = load_extension()  # warns once by itself when there is no extension at all
+    if ext is None:
+        return None
+    fn = getattr(ext, name, None)
+    if fn is None:
+        warn_once(f"megaglot._C has no {name} (a stale build?); using pure torch. Rebuild with `make setup`.")
+        return None
+    if str(tensor.dtype) == "torch.float64" and tensor.device.type != "cpu":
+        return None  # float64 exists for gradcheck; off the CPU it is computed in pure torch
+    if tensor.device.type == "cuda" and not ext.with_cuda():
+        warn_once(f"megaglot._C was built without CUDA; {what} runs in pure torch on CUDA tensors.")
+        return None
+    if tensor.device.type not in ("cpu", "cuda"):
+        warn_once(f"no {what} for device type {tensor.device.type}; using pure torch.")
+        return None
+    return fn

@@ -10,21 +10,15 @@ every layer of every step asks for the same ones. ``fused_rotary`` rotates the f
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Tuple
 
 import torch
 
-from megaglot.kernels.extension import load_extension
+from megaglot.kernels.extension import kernel_for, warn_once
 
 __all__ = ["rotary_cos_sin", "fused_rotary", "apply_rotary_torch", "rotate_half"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: for gradcheck
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=32)
@@ -100,22 +94,7 @@ def _check_cos_sin(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, op: st
 
 
 def _kernel(name: str, tensor: torch.Tensor):
-    ext = load_extension()
-    if ext is None:
-        return None
-    fn = getattr(ext, name, None)
-    if fn is None:
-        _warn_once(f"megaglot._C has no {name} (a stale build?); using pure torch. Rebuild with `make setup`.")
-        return None
-    if tensor.dtype == torch.float64 and tensor.device.type != "cpu":
-        return None  # float64 exists for gradcheck; off the CPU it is computed in pure torch
-    if tensor.device.type == "cuda" and not ext.with_cuda():
-        _warn_once("megaglot._C was built without CUDA; fused rotary runs in pure torch on CUDA tensors.")
-        return None
-    if tensor.device.type not in ("cpu", "cuda"):
-        _warn_once(f"no fused rotary for device type {tensor.device.type}; using pure torch.")
-        return None
-    return fn
+    return kernel_for(name, tensor, "fused rotary")
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:

@@ -12,14 +12,12 @@ keeps working, only slower. Conventions, for every variant:
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from megaglot.kernels.extension import load_extension
+from megaglot.kernels.extension import kernel_for, warn_once
 
 __all__ = [
     "scaled_upper_triang_masked_softmax",
@@ -31,29 +29,8 @@ __all__ = [
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: for gradcheck
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _kernel(name: str, tensor: torch.Tensor) -> Optional[Callable]:
-    """The compiled function for this tensor's device, or None (one warning) to use pure torch."""
-    ext = load_extension()  # warns once by itself when there is no extension at all
-    if ext is None:
-        return None
-    fn = getattr(ext, name, None)
-    if fn is None:
-        _warn_once(f"megaglot._C has no {name} (a stale build?); using pure torch. Rebuild with `make setup`.")
-        return None
-    if tensor.dtype == torch.float64 and tensor.device.type != "cpu":
-        return None  # float64 exists for gradcheck; off the CPU it is computed in pure torch
-    if tensor.device.type == "cuda" and not ext.with_cuda():
-        _warn_once("megaglot._C was built without CUDA; fused softmax runs in pure torch on CUDA tensors.")
-        return None
-    if tensor.device.type not in ("cpu", "cuda"):
-        _warn_once(f"no fused softmax for device type {tensor.device.type}; using pure torch.")
-        return None
-    return fn
+def _kernel(name: str, tensor: torch.Tensor):
+    return kernel_for(name, tensor, "fused softmax")
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
