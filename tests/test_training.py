@@ -107,13 +107,17 @@ def reference():
     return _collect(results, 0)
 
 
-def test_dp2_and_distributed_optimizer_equal_one_process(reference):
+def test_dp2_distributed_optimizer_and_recomputation_equal_one_process(reference):
     layouts = [(1, 1, None, False, {}), (1, 1, None, False, {"use_distributed_optimizer": True}),
-               (1, 1, None, False, {"use_distributed_optimizer": True, "bucket_size": 3000})]
+               (1, 1, None, False, {"use_distributed_optimizer": True, "bucket_size": 3000}),
+               (2, 1, None, True, {"recompute_granularity": "full"}),
+               (2, 1, None, False, {"recompute_granularity": "selective", "overlap_grad_reduce": False})]
     results = run_distributed(_train_worker, 2, layouts)
     assert_same_training(_collect(results, 0), reference, "DP=2")
     assert_same_training(_collect(results, 1), reference, "DP=2 distributed optimizer")
     assert_same_training(_collect(results, 2), reference, "DP=2 distributed optimizer, small buckets")
+    assert_same_training(_collect(results, 3), reference, "TP=2 SP, full recomputation")
+    assert_same_training(_collect(results, 4), reference, "TP=2, selective recomputation, no overlap")
 
 
 def test_tp2_pp2_dp2_on_8_ranks_equals_one_process(reference):
@@ -151,7 +155,7 @@ def test_fp16_overflow_skips_the_step_everywhere_and_lowers_the_scale():
         assert np.isfinite(r["loss"])
 
 
-def _train_resume(root, mode):
+def _train_resume(root, mode, tp=2, pp=1):
     """mode 'full': 4 steps saving at 2 and 4; 'resume': load `root` and run to 4;
     'kill': like 'full', but every rank dies inside the second save, after the shards are written
     and before the checkpoint is published."""
@@ -160,7 +164,7 @@ def _train_resume(root, mode):
     from megaglot.training import pretrain
 
     if mode == "resume":
-        model, parallel, train = configs(2, 1, None, False, train_iters=4, load=root)
+        model, parallel, train = configs(tp, pp, None, False, train_iters=4, load=root)
     else:
         model, parallel, train = configs(2, 1, None, False, train_iters=4, save=root, save_interval=2)
     data = (SyntheticTokens(64, model.vocab_size), None, None)
@@ -190,7 +194,9 @@ def _resume_worker(rank, root):
     resumed = _train_resume(os.path.join(root, "a", "iter_0000002"), "resume")
     killed = _train_resume(os.path.join(root, "k"), "kill")
     after_kill = _train_resume(os.path.join(root, "k"), "resume")
-    return full, resumed, killed, after_kill
+    # Reshard on load: the TP=2 x DP=2 checkpoint resumed at TP=1 x PP=2 x DP=2.
+    other_layout = _train_resume(os.path.join(root, "a", "iter_0000002"), "resume", tp=1, pp=2)
+    return full, resumed, killed, after_kill, other_layout
 
 
 def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
@@ -198,7 +204,7 @@ def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(tmp_pa
     from megaglot.checkpoint.format import resolve
 
     results = run_distributed(_resume_worker, 4, str(tmp_path))
-    full, resumed, killed, after_kill = results[0]
+    full, resumed, killed, after_kill, other_layout = results[0]
     assert len(full["losses"]) == 4
     assert resumed["losses"] == full["losses"][2:], "resumed losses differ from the uninterrupted run"
     for rank_result in results:
@@ -210,6 +216,26 @@ def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(tmp_pa
     assert os.path.isdir(os.path.join(killed_root, "iter_0000004.tmp")), "the killed save should have started"
     assert resolve(killed_root).endswith("iter_0000002")
     assert after_kill["losses"] == full["losses"][2:]
+    np.testing.assert_allclose(other_layout["losses"], full["losses"][2:], rtol=1e-5,
+                               err_msg="resuming at TP=1 x PP=2 from a TP=2 checkpoint")
+
+
+def test_a_checkpoint_of_another_model_fails_clearly(tmp_path):
+    from megaglot.checkpoint.format import CheckpointError, CheckpointReader, PieceWriter, write_metadata
+    from megaglot.checkpoint.model_state import add_model_pieces, load_model
+    from megaglot.model import build_model_chunks
+
+    model, _, _ = configs()
+    chunks = build_model_chunks(model)  # no process groups: TP = PP = 1
+    directory = str(tmp_path / "iter_0000001")
+    writer = PieceWriter(directory, "model_tp00_pp00")
+    add_model_pieces(writer, chunks)
+    writer.write()
+    write_metadata(directory, iteration=1, model=model.to_dict())
+    wider = dataclasses.replace(model, hidden_size=128, ffn_hidden_size=256)
+    with pytest.raises(CheckpointError, match="checkpoint of another model .*hidden_size: checkpoint 64 vs run 128"):
+        load_model(build_model_chunks(wider), CheckpointReader(directory), wider)
+    load_model(chunks, CheckpointReader(directory), model)  # the same model loads
 
 
 @pytest.mark.parametrize("flags,message", [
