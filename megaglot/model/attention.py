@@ -4,6 +4,9 @@ The QKV weight keeps Hugging Face's per-head `[q, k, v]` row order, so splitting
 TP hands each rank whole heads and converting a checkpoint is a reshape, never a shuffle.
 Backends: `torch` (the plain reference), `sdpa` (torch's scaled_dot_product_attention) and
 `fused` (megaglot's causal softmax kernel); all compute the same thing to round-off.
+
+Inference: `KVCache` keeps every layer's keys and values for generation; with one, a forward pass
+over s new tokens attends to the cached positions plus its own (`cached_attention`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,78 @@ class CoreAttention(nn.Module):
         return ctx.view(b, np_, s, hn).permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, per layer: `[max_length, b, np/tp, hn]` each.
+
+    Pass it as `batch['kv_cache']`: the chunk's layers append the new tokens' keys and values at
+    `offset` (which is also their rotary position), and the caller calls `advance(s)` after the
+    forward pass of s tokens. Buffers are allocated on first use with the keys' dtype and device.
+    """
+
+    def __init__(self, max_length: int):
+        self.max_length = int(max_length)
+        self.offset = 0
+        self._buffers = {}
+
+    def layer(self, layer_id: int) -> "LayerKVCache":
+        return LayerKVCache(self, layer_id)
+
+    def advance(self, tokens: int) -> None:
+        self.offset += int(tokens)
+
+    def reset(self) -> None:
+        self.offset = 0
+
+    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor):
+        s = k.shape[0]
+        end = self.offset + s
+        if end > self.max_length:
+            raise ValueError(f"KV cache of {self.max_length} positions cannot hold {end}")
+        buffers = self._buffers.get(layer_id)
+        if buffers is None or buffers[0].shape[1:] != k.shape[1:] or buffers[0].dtype != k.dtype:
+            shape = (self.max_length,) + tuple(k.shape[1:])
+            buffers = (torch.zeros(shape, dtype=k.dtype, device=k.device),
+                       torch.zeros(shape, dtype=v.dtype, device=v.device))
+            self._buffers[layer_id] = buffers
+        kb, vb = buffers
+        kb[self.offset:end] = k
+        vb[self.offset:end] = v
+        return kb[:end], vb[:end]
+
+
+class LayerKVCache:
+    """One layer's view of a KVCache (what SelfAttention receives)."""
+
+    def __init__(self, cache: KVCache, layer_id: int):
+        self.cache, self.layer_id = cache, layer_id
+
+    @property
+    def offset(self) -> int:
+        return self.cache.offset
+
+    def update(self, k, v):
+        return self.cache.update(self.layer_id, k, v)
+
+
+def cached_attention(q, k, v, offset: int, scale: float):
+    """q: `[sq, b, np, hn]` at positions offset..offset+sq-1; k, v: `[offset+sq, b, np, hn]`.
+
+    Query i sees keys 0..offset+i (causal, aligned at the bottom right). Softmax in float32.
+    """
+    sq, b, np_, hn = q.shape
+    sk = k.shape[0]
+    qb = q.permute(1, 2, 0, 3).reshape(b * np_, sq, hn)
+    kb = k.permute(1, 2, 0, 3).reshape(b * np_, sk, hn)
+    vb = v.permute(1, 2, 0, 3).reshape(b * np_, sk, hn)
+    scores = torch.bmm(qb, kb.transpose(1, 2)).float() * scale  # [b*np, sq, sk]
+    rows = torch.arange(sq, device=q.device).unsqueeze(1) + offset
+    cols = torch.arange(sk, device=q.device).unsqueeze(0)
+    scores = scores.masked_fill(cols > rows, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    ctx = torch.bmm(probs, vb)  # [b*np, sq, hn]
+    return ctx.view(b, np_, sq, hn).permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, *, layer_seed_init, sequence_parallel: bool,
                  recompute_core: bool, params_dtype, device):
@@ -77,8 +152,10 @@ class SelfAttention(nn.Module):
             params_dtype=params_dtype, device=device)
         self.core = CoreAttention(config)
 
-    def forward(self, x: torch.Tensor, position_offset: int = 0):
-        """x: `[s(/tp), b, h]`; tokens sit at positions position_offset .. position_offset + s - 1."""
+    def forward(self, x: torch.Tensor, position_offset: int = 0, kv_cache: "LayerKVCache" = None):
+        """x: `[s(/tp), b, h]`; tokens sit at positions position_offset .. position_offset + s - 1.
+
+        kv_cache: inference only; the new keys/values are appended and attention covers the cache."""
         qkv, _ = self.query_key_value(x)  # [s, b, np/tp * 3 * hn]
         s, b = qkv.shape[0], qkv.shape[1]
         qkv = qkv.view(s, b, self.heads_per_rank, 3 * self.head_dim)
@@ -92,7 +169,10 @@ class SelfAttention(nn.Module):
                 q, k = fused_rotary(q, k, cos, sin)
             else:
                 q, k = apply_rotary_torch(q, cos, sin), apply_rotary_torch(k, cos, sin)
-        if self.recompute_core and self.training:
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            ctx = cached_attention(q, k, v, kv_cache.offset, self.core.scale)
+        elif self.recompute_core and self.training:
             ctx = checkpoint(self.core, q, k, v)
         else:
             ctx = self.core(q, k, v)  # [s, b, h/tp]

@@ -97,7 +97,11 @@ class GPTChunk(nn.Module):
 
     def forward(self, input_tensor: Optional[torch.Tensor], batch: dict) -> torch.Tensor:
         # Positions are 0..s-1 (GPT samples never reset them); `position_offset` is for generation.
-        position_offset = int(batch.get("position_offset", 0))
+        # `kv_cache` (attention.KVCache, inference only): positions start at its offset and every
+        # layer appends its keys/values; the caller advances the cache after the pass.
+        kv_cache = batch.get("kv_cache")
+        default_offset = kv_cache.offset if kv_cache is not None else 0
+        position_offset = int(batch.get("position_offset", default_offset))
         if self.pre_process:
             hidden = self.embed_in(batch["tokens"].t())  # [s(/tp), b, h]
             p = self.config.hidden_dropout if self.training else 0.0
@@ -108,8 +112,10 @@ class GPTChunk(nn.Module):
             if input_tensor is None:
                 raise ValueError("a chunk that does not embed needs the previous stage's activations")
             hidden = input_tensor
-        for layer in self.layers:
-            if self.recompute_full and self.training:
+        for layer_id, layer in zip(self.layer_ids, self.layers):
+            if kv_cache is not None:
+                hidden = layer(hidden, position_offset, kv_cache.layer(layer_id))
+            elif self.recompute_full and self.training:
                 hidden = checkpoint(layer, hidden, position_offset)
             else:
                 hidden = layer(hidden, position_offset)

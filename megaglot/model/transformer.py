@@ -68,9 +68,11 @@ class TransformerBlock(nn.Module):
         with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
             return F.dropout(x, p=p, training=True)
 
-    def forward(self, x: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
-        # x: [s(/tp), b, h]
-        attn = self._dropout(*self.attention(self.input_layernorm(x), position_offset))
+    def forward(self, x: torch.Tensor, position_offset: int = 0, kv_cache=None) -> torch.Tensor:
+        # x: [s(/tp), b, h]; kv_cache: this layer's inference cache (attention.LayerKVCache) or None
+        attn = self.attention(self.input_layernorm(x), position_offset, kv_cache) if kv_cache is not None \
+            else self.attention(self.input_layernorm(x), position_offset)
+        attn = self._dropout(*attn)
         if self.config.use_parallel_residual:
             mlp = self._dropout(*self.mlp(self.post_attention_layernorm(x)))
             return mlp + attn + x  # Hugging Face's order of additions
