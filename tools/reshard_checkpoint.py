@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Write a megaglot checkpoint at another TP/PP/VP (and DP, for distributed-optimizer shards)
+layout: the command-line face of megaglot.checkpoint.reshard. Offline, CPU, no torch.distributed,
+one tensor at a time. Model, fp32 master weights, Adam moments, iteration, consumed samples,
+scheduler and loss scale carry over; RNG states only when the layout is unchanged.
+
+    python tools/reshard_checkpoint.py --load ckpt/run --save ckpt/run-tp1pp4 \\
+        --target-tensor-parallel-size 1 --target-pipeline-parallel-size 4 [--verify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaglot.checkpoint.format import CheckpointError  # noqa: E402
+from megaglot.checkpoint.reshard import reshard  # noqa: E402
+from megaglot.config import ConfigError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="source checkpoint root (follows 'latest') or an iteration directory")
+    p.add_argument("--save", required=True,
+                   help="new checkpoint root (must not exist or be empty; gets iter_N and latest)")
+    p.add_argument("--target-tensor-parallel-size", type=int, required=True, help="TP of the new layout")
+    p.add_argument("--target-pipeline-parallel-size", type=int, required=True, help="PP of the new layout")
+    p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per virtual stage (interleaved 1F1B); default: one chunk per stage")
+    p.add_argument("--target-data-parallel-size", type=int, default=None,
+                   help="DP parts of the distributed optimizer's state (default: the source's DP size); "
+                        "the plain optimizer's state is written once whatever this is")
+    p.add_argument("--verify", action="store_true",
+                   help="reread source and target and compare every full tensor bit for bit")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def log(msg):
+        if not args.quiet:
+            print(msg, flush=True)
+
+    try:
+        reshard(args.load, args.save, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+                args.target_num_layers_per_virtual_pipeline_stage, dp=args.target_data_parallel_size,
+                verify=args.verify, log=log)
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
