@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from megaglot.checkpoint.format import (CheckpointReader, PieceWriter, publish, read_json, resolve, staging_dir,
                                         write_json, write_metadata)
-from megaglot.checkpoint.model_state import add_model_pieces, load_model
+from megaglot.checkpoint.model_state import add_model_pieces, check_same_model, load_model
+from megaglot.checkpoint.reshard import check_checkpoint
 from megaglot.checkpoint.sharding import shard
 from megaglot.config import ModelConfig
 from megaglot.parallel import state
@@ -122,6 +123,9 @@ def load_checkpoint(path: str, *, chunks, optimizer, model_cfg: ModelConfig, loa
     """Restore what the checkpoint has; returns its metadata (iteration, consumed_samples, ...)."""
     directory = resolve(path)
     reader = CheckpointReader(directory)
+    # The offline resharder's validation: every piece against the model's shapes, before any copy.
+    check_same_model(reader.metadata.get("model", {}), model_cfg, directory)
+    check_checkpoint(reader, model_cfg)
     load_model(chunks, reader, model_cfg)
     meta = reader.metadata
     s = state.get_state()
