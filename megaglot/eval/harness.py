@@ -23,6 +23,10 @@ Requests: `loglikelihood` (context, continuation) -> (sum of log-probs, is_greed
 `loglikelihood_rolling` (text,) -> log-likelihood of the whole text in disjoint windows, the
 first conditioned on <|endoftext|>; `generate_until` (context, {until, max_gen_toks, do_sample,
 temperature, top_k, top_p}) -> the continuation cut at the first stop string (PP = 1 only).
+
+The tests run it against a stand-in of lm-eval's base class and registry (lm-eval is not a test
+dependency); it was also checked by hand with lm-eval 0.4.13's own `LM`, registry
+(`get_model('megaglot').create_from_arg_string(...)`) and `Instance` objects.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class MegaglotLM(_Base):
         self.tokenizer = load_tokenizer_for(self.model, "tokenizer=")
         if self.tokenizer.eod is None:
             raise ValueError(f"tokenizer {self.tokenizer.path} has no <|endoftext|> token")
-        self.device = device
+        self._device = device
         self.batch_size = _int(batch_size, "batch_size") or 8
         self.max_gen_toks = _int(max_gen_toks, "max_gen_toks") or DEFAULT_MAX_GEN_TOKS
         self.scorer = Scorer(self.model.chunks, self.model.cfg, device=device, dtype=self.model.dtype,
@@ -80,6 +84,14 @@ class MegaglotLM(_Base):
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eod
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.path or "megaglot")
 
     @property
     def rank(self) -> int:
@@ -146,7 +158,7 @@ class MegaglotLM(_Base):
             (new,) = generate(self.model.chunks, self.model.cfg, [ids], max_new, greedy=greedy,
                               temperature=temperature or 1.0, top_k=int(kwargs.pop("top_k", 0) or 0),
                               top_p=float(kwargs.pop("top_p", 1.0) or 1.0), eod=self.eot_token_id,
-                              seed=kwargs.pop("seed", 1234), device=self.device)
+                              seed=kwargs.pop("seed", 1234), device=self._device)
             text = self.tok_decode(new)
             for stop in until:
                 if stop:
