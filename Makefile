@@ -9,13 +9,13 @@ export CFLAGS ?= -g0
 
 .PHONY: setup test demo clean nvcc-check
 
-$(VENV)/.stamp-deps:
+$(VENV)/.stamp-deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 		echo "keeping the CUDA torch already installed"; \
 	else $(PIP) install -q "$(TORCH_SPEC)"; fi
-	$(PIP) install -q numpy pybind11 ninja regex tensorboard safetensors tokenizers pytest transformers
+	$(PIP) install -q numpy pybind11 ninja regex tensorboard safetensors tokenizers pytest transformers pyarrow
 	touch $@
 
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -198,7 +199,7 @@ def test_bad_task_files_name_file_and_line(tmp_path, line, message):
         read_task_file(str(path), get_task("kobest_sentineg"))
 
 
-def test_bad_copa_question_unknown_task_and_missing_files(tmp_path):
+def test_bad_copa_question_unknown_task_and_missing_files(tmp_path, monkeypatch):
     bad = dict(premise="p", question="이유", alternative_1="a", alternative_2="b", label=0)
     (tmp_path / "kobest_copa_test.jsonl").write_text(json.dumps(bad, ensure_ascii=False) + "\n", encoding="utf-8")
     with pytest.raises(TaskFileError, match=r"kobest_copa_test\.jsonl:1: question must be 원인 or 결과"):
@@ -208,17 +209,16 @@ def test_bad_copa_question_unknown_task_and_missing_files(tmp_path):
     with pytest.raises(TaskFileError, match="no file for kobest_wic"):
         load_task(str(tmp_path), "kobest_wic")
     (tmp_path / "kobest_wic_test.parquet").write_bytes(b"PAR1")
-    try:
-        import pyarrow  # noqa: F401
-        match = r"kobest_wic_test\.parquet: cannot be read"
-    except ImportError:
-        match = r"kobest_wic_test\.parquet: reading parquet/arrow files needs pyarrow"
-    with pytest.raises(TaskFileError, match=match):
+    with pytest.raises(TaskFileError, match=r"kobest_wic_test\.parquet: cannot be read"):
+        load_task(str(tmp_path), "kobest_wic")
+    for module in ("pyarrow", "pyarrow.parquet", "pyarrow.feather", "pyarrow.ipc"):
+        monkeypatch.setitem(sys.modules, module, None)  # as on a machine without pyarrow
+    with pytest.raises(TaskFileError, match=r"kobest_wic_test\.parquet: reading parquet/arrow files needs pyarrow"):
         load_task(str(tmp_path), "kobest_wic")
 
 
-def test_parquet_task_file_when_pyarrow_is_installed(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+def test_parquet_task_file(tmp_path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     docs = read_task_file(os.path.join(DATA, "kobest_wic_test.jsonl"), get_task("kobest_wic"))
