@@ -48,5 +48,7 @@ setup(
                       "tokenizers"],
     extras_require={"test": ["pytest", "transformers"], "eval": ["lm-eval"]},
     ext_modules=[extension()],
+    # lm-eval has no plugin hook: this launcher imports the adapter (registering "megaglot") first.
+    entry_points={"console_scripts": ["megaglot-lm-eval = megaglot.eval.harness:main"]},
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
