@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_harness import run_distributed
-from megaglot.checkpoint import convert
+from megaglot.checkpoint import streaming
 from megaglot.checkpoint.convert import export_hf, import_hf
 from megaglot.checkpoint.format import CheckpointError, CheckpointReader, read_json, resolve
 from megaglot.checkpoint.hf import global_name, pad_vocab
@@ -302,19 +302,19 @@ def test_bad_weights(hf, tmp_path):
 def test_failure_midway_leaves_no_checkpoint_and_existing_one_is_kept(hf, tmp_path, monkeypatch):
     save = str(tmp_path / "ckpt")
     calls = {"n": 0}
-    real_write = convert.StreamingPartWriter.write
+    real_write = streaming.StreamingPart.write
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, *args):
         calls["n"] += 1
         if calls["n"] == 20:
             raise OSError("disk full (simulated)")
-        return real_write(self, name, tensor)
+        return real_write(self, *args)
 
-    monkeypatch.setattr(convert.StreamingPartWriter, "write", failing_write)
+    monkeypatch.setattr(streaming.StreamingPart, "write", failing_write)
     with pytest.raises(OSError, match="simulated"):
         import_hf(hf["dirs"]["safetensors"], save, 2, 2)
     assert os.listdir(save) == []  # no iter dir, no staging dir, no latest
-    monkeypatch.setattr(convert.StreamingPartWriter, "write", real_write)
+    monkeypatch.setattr(streaming.StreamingPart, "write", real_write)
     import_hf(hf["dirs"]["safetensors"], save, 2, 2)
     expect_error(CheckpointError, r"ckpt: already holds a checkpoint", import_hf, hf["dirs"]["safetensors"], save, 1, 1)
     CheckpointReader(resolve(save))  # still complete

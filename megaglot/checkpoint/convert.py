@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -37,6 +36,8 @@ from megaglot.checkpoint.format import (MODEL, CheckpointError, CheckpointReader
 from megaglot.checkpoint.hf import (VOCAB_PADDED, hf_config_from_model_config, hf_name, hf_names,
                                     is_ignored_hf_tensor, model_config_from_hf)
 from megaglot.checkpoint.sharding import shard
+from megaglot.checkpoint.streaming import (TORCH_DTYPES, StreamingPart, StreamingSafetensors, numel,
+                                           parameter_specs, stage_names)
 from megaglot.config import ConfigError, ModelConfig, ParallelConfig
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -45,40 +46,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json", "tokenizer.model")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-# ---- the model's parameters, without building it ---------------------------------------------
-def parameter_specs(cfg: ModelConfig) -> Dict[str, Tuple[Tuple[int, ...], Optional[int]]]:
-    """{global name: (global shape, partition dim)} in model order, from the model itself (meta device)."""
-    from megaglot.model.gpt import GPTChunk  # the model floor sits below tools, not below checkpoint
-
-    chunk = GPTChunk(cfg, range(cfg.num_layers), pre_process=True, post_process=True, device="meta")
-    return {p.global_name: (tuple(p.global_shape), p.partition_dim) for p in chunk.parameters()}
-
-
-def stage_names(specs, cfg: ModelConfig, pp: int, vp: int, pp_rank: int) -> List[str]:
-    """The global names pipeline stage `pp_rank` holds: its layers over all its virtual chunks, the
-    embedding on the first stage, the final norm and output layer on the last."""
-    from megaglot.model.gpt import layers_of_chunk
-
-    layers = set()
-    for chunk in range(vp):
-        layers.update(layers_of_chunk(cfg.num_layers, pp, vp, pp_rank, chunk))
-    names = []
-    for name in specs:
-        if name.startswith("layers."):
-            if int(name.split(".")[1]) in layers:
-                names.append(name)
-        elif name.startswith("embed_in."):
-            if pp_rank == 0:
-                names.append(name)
-        elif pp_rank == pp - 1:
-            names.append(name)
-    return names
 
 
 def part_name(tp_rank: int, pp_rank: int) -> str:
@@ -139,7 +106,7 @@ class HFWeights:
                 with self._safe_open(path) as handle:
                     for name in handle.keys():
                         sl = handle.get_slice(name)
-                        dtype = _TORCH_DTYPES.get(sl.get_dtype())
+                        dtype = TORCH_DTYPES.get(sl.get_dtype())
                         if dtype is None:
                             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {sl.get_dtype()}")
                         self._record(name, file, tuple(sl.get_shape()), dtype)
@@ -206,84 +173,6 @@ class HFWeights:
 
     def close(self):
         self._close()
-
-
-# ---- safetensors files written tensor by tensor --------------------------------------------
-class StreamingSafetensors:
-    """A safetensors file whose header is planned up front from (key, dtype, shape) entries, then
-    filled one tensor at a time in that order: memory stays at one tensor, whatever the file size.
-    Readable by `safetensors.safe_open` / transformers like any other safetensors file."""
-
-    def __init__(self, path: str, entries: List[Tuple[str, torch.dtype, Tuple[int, ...]]], metadata=None):
-        self.path, self.entries = path, entries
-        header, offset = {}, 0
-        for key, dtype, shape in entries:
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        header["__metadata__"] = dict(metadata or {"format": "pt"})
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)) + blob)
-        self._next = 0
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        want_key, dtype, shape = self.entries[self._next]
-        if key != want_key or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise RuntimeError(f"{self.path}: got {key} {tuple(tensor.shape)} {tensor.dtype}, planned "
-                               f"{want_key} {tuple(shape)} {dtype}")
-        flat = tensor.detach().reshape(-1).contiguous()
-        self._f.write(memoryview(flat.view(torch.uint8).numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        if self._next != len(self.entries):
-            raise RuntimeError(f"{self.path}: {self._next} of {len(self.entries)} planned tensors written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-
-    def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-
-
-class StreamingPartWriter:
-    """Writes `<part>.safetensors` and `<part>.index.json` as `format.PieceWriter` does (flat
-    whole TP shards, keys `model/<name>/tp<rank>/0`, the same index entries), streaming each
-    shard to disk as it comes instead of collecting the part in memory."""
-
-    def __init__(self, directory: str, part: str, plan: List[dict]):
-        """plan: dicts with kind, name, global_shape, partition_dim, tp_size, tp_rank, numel, dtype."""
-        self.directory, self.part, self.plan = directory, part, plan
-        for entry in plan:
-            entry["key"] = f"{entry['kind']}/{entry['name']}/tp{entry['tp_rank']}/0"
-        self.file = f"{part}.safetensors"
-        os.makedirs(directory, exist_ok=True)
-        self._st = StreamingSafetensors(os.path.join(directory, self.file),
-                                        [(e["key"], e["dtype"], (e["numel"],)) for e in plan])
-        self._next = 0
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        entry = self.plan[self._next]
-        if entry["name"] != name:
-            raise RuntimeError(f"{self._st.path}: got {name}, planned {entry['name']}")
-        self._st.write(entry["key"], tensor.reshape(-1))
-        self._next += 1
-
-    def close(self) -> None:
-        self._st.close()
-        index = [dict(kind=e["kind"], name=e["name"], global_shape=list(e["global_shape"]),
-                      partition_dim=e["partition_dim"], tp_size=e["tp_size"], tp_rank=e["tp_rank"], start=0,
-                      end=e["numel"], key=e["key"], file=self.file) for e in self.plan]
-        write_json(os.path.join(self.directory, f"{self.part}.index.json"), {"pieces": index})
-
-    def abort(self) -> None:
-        self._st.abort()
 
 
 # ---- import ----------------------------------------------------------------------------------
@@ -358,10 +247,10 @@ def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage
 
     staged = staging_dir(save, 0)
     shutil.rmtree(staged, ignore_errors=True)  # a leftover of an interrupted conversion
-    writers: List[StreamingPartWriter] = []
+    writers: List[StreamingPart] = []
     try:
         for pp_rank in range(pp):
-            names = stage_names(specs, cfg, pp, vp, pp_rank)
+            names = stage_names(specs, cfg.num_layers, pp, vp, pp_rank)
             # read a stage's tensors together, file by file (one .bin shard mapped at a time)
             names.sort(key=lambda n: file_order[weights.file_of[sources[n]]])
             writers = []
@@ -369,18 +258,16 @@ def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage
                 plan = []
                 for name in names:
                     shape, dim = specs[name]
-                    numel = 1
-                    for d in shape:
-                        numel *= d
                     plan.append(dict(kind=MODEL, name=name, global_shape=shape, partition_dim=dim,
-                                     tp_size=tp, tp_rank=tp_rank, numel=numel // (tp if dim is not None else 1),
+                                     tp_size=tp, tp_rank=tp_rank, start=0,
+                                     end=numel(shape) // (tp if dim is not None else 1),
                                      dtype=weights.meta[sources[name]][1]))
-                writers.append(StreamingPartWriter(staged, part_name(tp_rank, pp_rank), plan))
+                writers.append(StreamingPart(staged, part_name(tp_rank, pp_rank), plan))
             for name in names:
                 full = _padded(weights.get(sources[name]), name, cfg)
                 _, dim = specs[name]
                 for tp_rank, writer in enumerate(writers):
-                    writer.write(name, shard(full, dim, tp, tp_rank))
+                    writer.write(MODEL, name, shard(full, dim, tp, tp_rank))
                 del full
             for writer in writers:
                 writer.close()
@@ -405,16 +292,7 @@ def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage
 def _stored_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
     piece = reader.info(MODEL, name)
     with safe_open(os.path.join(reader.directory, piece.file), framework="pt") as handle:
-        return _TORCH_DTYPES[handle.get_slice(piece.key).get_dtype()]
-
-
-def _release_mappings(reader: CheckpointReader) -> None:
-    """CheckpointReader keeps every part file open (memory-mapped); the pages a full tensor was
-    read from then stay mapped and count in the resident set until the whole export ends. Drop
-    the handles after each tensor (reopening costs a header parse) so RSS stays near one tensor."""
-    handles = getattr(reader, "_handles", None)
-    if isinstance(handles, dict):
-        handles.clear()
+        return TORCH_DTYPES[handle.get_slice(piece.key).get_dtype()]
 
 
 def _copy_tokenizer(tokenizer: str, out: str) -> List[str]:
@@ -463,10 +341,7 @@ def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
     shapes, size, total = {}, 0, 0
     for name, (shape, _) in specs.items():
         shapes[name] = ((cfg.vocab_size,) + shape[1:]) if name in VOCAB_PADDED else shape
-        numel = 1
-        for d in shapes[name]:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtypes[name]).element_size()
+        nbytes = numel(shapes[name]) * torch.empty((), dtype=dtypes[name]).element_size()
         if files[-1] and size + nbytes > max_shard_bytes:
             files.append([])
             size = 0
@@ -493,7 +368,7 @@ def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
                     writer.write(hf_name(name), full)
                     weight_map[hf_name(name)] = file
                     del full
-                    _release_mappings(reader)
+                    reader.release()
                 writer.close()
             finally:
                 writer.abort()

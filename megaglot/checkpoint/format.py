@@ -149,6 +149,13 @@ class CheckpointReader:
             self._handles[piece.file] = handle
         return handle.get_tensor(piece.key)
 
+    def release(self) -> None:
+        """Drop the open part files. Each stays memory-mapped while its handle lives, so the pages
+        of every tensor read through this reader stay in the resident set: streaming a whole
+        checkpoint through one reader would end with all of it counted in RSS. Call this after
+        each tensor to stay near one; a later read reopens the file (one header parse)."""
+        self._handles.clear()
+
     def full_tensor(self, kind: str, name: str) -> torch.Tensor:
         """The tensor at TP = 1, assembled from every piece (any TP size / DP split it was saved at)."""
         pieces = self._pieces(kind, name)

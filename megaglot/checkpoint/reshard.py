@@ -31,71 +31,27 @@ save path (never the source or inside it, never over a checkpoint). The target i
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import struct
 import time
-from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 
-from megaglot.checkpoint.format import (MODEL, CheckpointError, CheckpointReader, publish,
-                                        resolve, staging_dir, write_json, write_metadata)
+from megaglot.checkpoint.format import (MODEL, CheckpointError, CheckpointReader, publish, resolve, staging_dir,
+                                        write_metadata)
 from megaglot.checkpoint.sharding import shard
+from megaglot.checkpoint.streaming import TORCH_DTYPES, StreamingPart, numel, parameter_specs, stage_names
 from megaglot.config import ConfigError, ModelConfig, ParallelConfig
 
 OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
-
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
-TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
 # What the target flags are called on the reshard command line (ConfigError names training's flags).
 _TARGET_FLAGS = (("--tensor-model-parallel-size", "--target-tensor-parallel-size"),
                  ("--pipeline-model-parallel-size", "--target-pipeline-parallel-size"),
                  ("--num-layers-per-virtual-pipeline-stage", "--target-num-layers-per-virtual-pipeline-stage"))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-# ---- the model's parameters and where they live -------------------------------------------------
-def parameter_specs(cfg: ModelConfig) -> "OrderedDict[str, Tuple[Tuple[int, ...], Optional[int]]]":
-    """{global name: (global shape, partition dim)} in model order, from a meta-device model."""
-    from megaglot.model.gpt import GPTChunk  # the model floor; only shapes are built (device="meta")
-
-    chunk = GPTChunk(cfg, range(cfg.num_layers), pre_process=True, post_process=True, device="meta")
-    return OrderedDict((p.global_name, (tuple(p.global_shape), p.partition_dim)) for p in chunk.parameters())
-
-
-def stage_names(specs, num_layers: int, pp: int, vp: int, pp_rank: int) -> List[str]:
-    """The global names pipeline stage `pp_rank` holds (model order): its layers over all its
-    virtual chunks, the embedding on the first stage, the final norm and output layer on the last."""
-    from megaglot.model.gpt import layers_of_chunk
-
-    layers = set()
-    for chunk in range(vp):
-        layers.update(layers_of_chunk(num_layers, pp, vp, pp_rank, chunk))
-    names = []
-    for name in specs:
-        if name.startswith("layers."):
-            keep = int(name.split(".")[1]) in layers
-        elif name.startswith("embed_in."):
-            keep = pp_rank == 0
-        else:
-            keep = pp_rank == pp - 1
-        if keep:
-            names.append(name)
-    return names
 
 
 def model_config_of(reader: CheckpointReader) -> ModelConfig:
@@ -143,7 +99,7 @@ def check_checkpoint(reader: CheckpointReader, cfg: Optional[ModelConfig] = None
         path = os.path.join(where, file)
         try:
             with safe_open(path, framework="pt") as handle:
-                stored[file] = {key: (handle.get_slice(key).get_dtype(), _numel(handle.get_slice(key).get_shape()))
+                stored[file] = {key: (handle.get_slice(key).get_dtype(), numel(handle.get_slice(key).get_shape()))
                                 for key in handle.keys()}
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
@@ -180,7 +136,7 @@ def check_checkpoint(reader: CheckpointReader, cfg: Optional[ModelConfig] = None
                                       f"{entry[0]}")
         dtypes[(kind, name)] = TORCH_DTYPES[stored[first.file][first.key][0]]
         # every TP shard covered exactly, from 0 to its size
-        shard_numel = _numel(first.shard_shape)
+        shard_numel = numel(first.shard_shape)
         ranks = range(first.tp_size) if first.partition_dim is not None else [min(p.tp_rank for p in pieces)]
         for tp_rank in ranks:
             covered = 0
@@ -192,67 +148,6 @@ def check_checkpoint(reader: CheckpointReader, cfg: Optional[ModelConfig] = None
                 raise CheckpointError(f"{where}: {kind} tensor {name} TP shard {tp_rank} of {first.tp_size} is "
                                       f"incomplete ({covered} of {shard_numel} values); a shard file is missing")
     return dtypes
-
-
-# ---- safetensors parts written tensor by tensor ---------------------------------------------
-class StreamingPart:
-    """`<part>.safetensors` + `<part>.index.json`, as `format.PieceWriter` writes them (same keys,
-    same index entries), but the header is planned up front and each piece is written to disk
-    when it comes: memory stays at one piece, whatever the part's size. `plan`: dicts with kind,
-    name, global_shape, partition_dim, tp_size, tp_rank, start, end, dtype; written in this order."""
-
-    def __init__(self, directory: str, part: str, plan: List[dict]):
-        self.directory, self.part, self.plan = directory, part, plan
-        self.file = f"{part}.safetensors"
-        self.path = os.path.join(directory, self.file)
-        header, offset = {}, 0
-        for e in plan:
-            e["key"] = f"{e['kind']}/{e['name']}/tp{e['tp_rank']}/{e['start']}"
-            nbytes = (e["end"] - e["start"]) * torch.empty((), dtype=e["dtype"]).element_size()
-            header[e["key"]] = {"dtype": ST_DTYPES[e["dtype"]], "shape": [e["end"] - e["start"]],
-                                "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        header["__metadata__"] = {"format": "pt"}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)) + blob)
-        self._next = 0
-
-    def next_entry(self) -> Optional[dict]:
-        return self.plan[self._next] if self._next < len(self.plan) else None
-
-    def write(self, kind: str, name: str, values: torch.Tensor) -> None:
-        e = self.plan[self._next]
-        flat = values.detach().reshape(-1).contiguous()
-        if (e["kind"], e["name"]) != (kind, name) or flat.numel() != e["end"] - e["start"] or flat.dtype != e["dtype"]:
-            raise RuntimeError(f"{self.path}: got {kind}/{name} ({flat.numel()} {flat.dtype}), planned "
-                               f"{e['key']} ({e['end'] - e['start']} {e['dtype']})")
-        self._f.write(memoryview(flat.view(torch.uint8).numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        if self._next != len(self.plan):
-            raise RuntimeError(f"{self.path}: {self._next} of {len(self.plan)} planned pieces written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        index = [dict(kind=e["kind"], name=e["name"], global_shape=list(e["global_shape"]),
-                      partition_dim=e["partition_dim"], tp_size=e["tp_size"], tp_rank=e["tp_rank"], start=e["start"],
-                      end=e["end"], key=e["key"], file=self.file) for e in self.plan]
-        write_json(os.path.join(self.directory, f"{self.part}.index.json"), {"pieces": index})
-
-    def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-
-
-def release_mappings(reader: CheckpointReader) -> None:
-    """Drop the reader's open (memory-mapped) files, so the pages of the tensor just read leave
-    the resident set; reopening costs one header parse."""
-    handles = getattr(reader, "_handles", None)
-    if isinstance(handles, dict):
-        handles.clear()
 
 
 # ---- layouts --------------------------------------------------------------------------------
@@ -301,7 +196,7 @@ def _optimizer_plan(names, kinds, specs, dtypes, tp: int, tp_rank: int, dp: int)
         shape, dim = specs[name]
         if dim is None and tp_rank != 0:
             continue
-        entries.append((name, _numel(shape) // (tp if dim is not None else 1)))
+        entries.append((name, numel(shape) // (tp if dim is not None else 1)))
     total = sum(n for _, n in entries)
     bounds = [total * d // dp for d in range(dp + 1)]
     plans: List[List[dict]] = [[] for _ in range(dp)]
@@ -371,7 +266,7 @@ def reshard(load: str, save: str, tp: int, pp: int, layers_per_virtual_stage: Op
                     shape, dim = specs[name]
                     if dim is None and tp_rank != 0:
                         continue  # TP-replicated: written once, by TP rank 0
-                    n = _numel(shape) // (tp if dim is not None else 1)
+                    n = numel(shape) // (tp if dim is not None else 1)
                     plan.append(dict(kind=MODEL, name=name, global_shape=shape, partition_dim=dim, tp_size=tp,
                                      tp_rank=tp_rank, start=0, end=n, dtype=dtypes[(MODEL, name)]))
                 model_parts.append(StreamingPart(staged, f"model_tp{tp_rank:02d}_pp{pp_rank:02d}", plan))
@@ -397,7 +292,7 @@ def reshard(load: str, save: str, tp: int, pp: int, layers_per_virtual_stage: Op
                                 part.write(kind, name, flat[e["start"]:e["end"]])
                         del flat
                     del full
-                    release_mappings(reader)
+                    reader.release()
             for writer in writers:
                 writer.close()
             writers = []
@@ -452,8 +347,8 @@ def verify_same(a: str, b: str) -> int:
             raise CheckpointError(f"verify: {kind} tensor {name} differs between {ra.directory} "
                                   f"({ta.dtype} {tuple(ta.shape)}) and {rb.directory} ({tb.dtype} {tuple(tb.shape)})")
         del ta, tb
-        release_mappings(ra)
-        release_mappings(rb)
+        ra.release()
+        rb.release()
     return len(keys_a)
 
 
