@@ -288,6 +288,9 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
                 writer.add_scalar("train/ms_per_iter", 1000 * elapsed, iteration)
                 writer.add_scalar("train/tokens_per_s", tokens_per_iter / elapsed, iteration)
                 writer.add_scalar("train/tflops_per_gpu", tflops, iteration)
+                writer.add_scalar("train/skipped_steps", run.optimizer.num_skipped, iteration)
+                writer.add_scalar("train/consumed_samples", consumed, iteration)
+                writer.add_scalar("train/peak_memory_gb", _peak_memory_gb(device), iteration)
             window_start, window_iters = time.perf_counter(), 0
         if valid_ds is not None and cfg.eval_interval and (iteration % cfg.eval_interval == 0
                                                             or iteration == cfg.train_iters):
