@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     from megaglot.eval.loading import EvalError
     from megaglot.eval.tasks import TaskFileError
 
+    from megaglot.training import shutdown
+
     try:
         run(args)
     except (EvalError, TaskFileError, CheckpointError, ConfigError, TokenizerError, IndexedDatasetError,
@@ -139,22 +141,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        _shutdown()
+        shutdown()
     return 0
-
-
-def _shutdown():
-    try:
-        import torch.distributed as dist
-
-        from megaglot.parallel import state
-
-        if state.is_initialized():
-            state.destroy()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 if __name__ == "__main__":

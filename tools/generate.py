@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     from megaglot.config import ConfigError
     from megaglot.data.tokenizer import TokenizerError
     from megaglot.eval.loading import EvalError
+    from megaglot.training import shutdown
 
     try:
         run(args)
@@ -141,22 +142,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        _shutdown()
+        shutdown()
     return 0
-
-
-def _shutdown():
-    try:
-        import torch.distributed as dist
-
-        from megaglot.parallel import state
-
-        if state.is_initialized():
-            state.destroy()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 if __name__ == "__main__":
