@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megaglot.checkpoint.training_state import load_checkpoint, save_checkpoint
 from megaglot.config import EOD_TOKEN_ID, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megaglot.data.blending import parse_data_paths, read_sidecar
 from megaglot.data.gpt_dataset import build_train_valid_test_datasets, make_batches
 from megaglot.model import build_model_chunks, masked_mean
 from megaglot.optim.grad_buffer import GradBuffer
@@ -247,7 +248,7 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
         start_iteration, consumed = meta["iteration"], meta["consumed_samples"]
         log0(f"loaded {cfg.load} at iteration {start_iteration} ({consumed} samples consumed)")
     if datasets is None:
-        datasets = build_datasets(run)
+        datasets = build_datasets(run, tokenizer)
     train_ds, valid_ds, _ = datasets
     writer = None
     if cfg.tensorboard_dir and dist.get_rank() == dist.get_world_size() - 1:
@@ -327,11 +328,28 @@ def _train_record(cfg: TrainConfig) -> dict:
     return {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
-def build_datasets(run: Run):
+def check_data_fits_model(data_path, model_cfg: ModelConfig, tokenizer=None) -> None:
+    """Token ids past the model's vocabulary would be embedded as zeros on TP > 1, silently: refuse
+    data whose recorded tokenizer is larger than the model's vocabulary or is not --tokenizer."""
+    prefixes, _ = parse_data_paths(data_path)
+    for prefix in prefixes:
+        recorded = read_sidecar(prefix).get("tokenizer") or {}
+        vocab = recorded.get("vocab_size")
+        if vocab is not None and vocab > model_cfg.vocab_size:
+            raise ConfigError(f"--data-path {prefix} was tokenized with a {vocab}-token vocabulary "
+                              f"({recorded.get('path')}) but the model has {model_cfg.vocab_size}; "
+                              f"use a matching --model or data")
+        if tokenizer is not None and recorded.get("sha256") and recorded["sha256"] != tokenizer.sha256:
+            raise ConfigError(f"--data-path {prefix} was tokenized with {recorded.get('path')}, not with "
+                              f"--tokenizer {tokenizer.path} (their contents differ)")
+
+
+def build_datasets(run: Run, tokenizer=None):
     """(train, valid, test) from --data-path; built on rank 0 first (it writes the index cache)."""
     cfg = run.train_cfg
     if not cfg.data_path:
         raise ConfigError("--data-path is required (prefixes of .bin/.idx files from tools/preprocess_data.py)")
+    check_data_fits_model(cfg.data_path, run.model_cfg, tokenizer)
     gb = cfg.global_batch_size
     evals = cfg.eval_iters * gb if cfg.eval_interval else 0
     counts = (cfg.train_iters * gb, evals, 0)  # the loop never reads the test split

@@ -243,8 +243,20 @@ def test_a_checkpoint_of_another_model_fails_clearly(tmp_path):
     (["--model", "tiny", "--global-batch-size", "6", "--micro-batch-size", "4"],
      "--global-batch-size 6 is not divisible by --micro-batch-size x data-parallel size = 4 x 1 = 4"),
     (["--model", "tiny", "--data-path", "/nonexistent/prefix"], "/nonexistent/prefix"),
+    (["--model", "tiny", "--num-layers", "2", "--hidden-size", "64", "--data-path", "WIDE"],
+     "was tokenized with a 5000-token vocabulary"),
 ])
 def test_bad_flags_fail_with_one_line(flags, message, tmp_path):
+    if "WIDE" in flags:  # a dataset whose recorded tokenizer is larger than the model's vocabulary
+        from megaglot.data.indexed_dataset import IndexedDatasetBuilder
+
+        prefix = str(tmp_path / "wide_text_document")
+        builder = IndexedDatasetBuilder(prefix + ".bin", np.int32)
+        builder.add_document(np.arange(4000, 4100))
+        builder.finalize(prefix + ".idx")
+        with open(prefix + ".json", "w") as f:
+            f.write('{"tokenizer": {"vocab_size": 5000, "path": "big/tokenizer.json"}}')
+        flags = [prefix if f == "WIDE" else f for f in flags]
     env = dict(os.environ, MASTER_PORT=str(__import__("dist_harness").free_port()))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "pretrain_ko.py"), *flags],
                           capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))

@@ -131,7 +131,6 @@ def main(argv=None) -> int:
     from megaglot.data.tokenizer import TokenizerError
     from megaglot.eval.loading import EvalError
     from megaglot.eval.tasks import TaskFileError
-
     from megaglot.training import shutdown
 
     try:

@@ -154,12 +154,18 @@ class BlendRow:
     """Effective epochs: tokens drawn / tokens available (how many times its data repeats)."""
 
 
-def sidecar_lang(prefix: str) -> Optional[str]:
+def read_sidecar(prefix: str) -> dict:
+    """The JSON tools/preprocess_data.py writes beside a dataset ({} when absent or unreadable)."""
     try:
         with open(prefix + ".json", encoding="utf-8") as f:
-            return json.load(f).get("lang")
-    except (OSError, ValueError, AttributeError):
-        return None
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def sidecar_lang(prefix: str) -> Optional[str]:
+    return read_sidecar(prefix).get("lang")
 
 
 def make_table(prefixes: Sequence[str], tokens: Sequence[int], weights: Sequence[float],
