@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_harness import run_distributed
+from hf_models import random_gpt_neox
 from megaglot.checkpoint import streaming
 from megaglot.checkpoint.convert import export_hf, import_hf
 from megaglot.checkpoint.format import CheckpointError, CheckpointReader, read_json, resolve
@@ -34,20 +35,8 @@ TOKENS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_see
 
 
 def make_hf_model(seed=0, dtype=torch.float32):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-                           intermediate_size=160, max_position_embeddings=64, rotary_pct=0.25,
-                           rotary_emb_base=10000, attention_dropout=0.0, hidden_dropout=0.0,
-                           tie_word_embeddings=False, use_parallel_residual=True)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name or "layernorm" in name or "layer_norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.to(dtype)
+    return random_gpt_neox(seed, vocab_size=VOCAB, num_hidden_layers=LAYERS, rotary_pct=0.25, rotary_emb_base=10000,
+                           use_parallel_residual=True).to(dtype)
 
 
 def global_state(state):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dist_harness import free_port, run_distributed
+from hf_models import random_gpt_neox
 from megaglot.eval.metrics import accuracy, macro_f1
 from megaglot.eval.scoring import encode_pair, rolling_windows
 from megaglot.eval.tasks import TaskFileError, build_examples, get_task, load_task, read_task_file
@@ -31,23 +32,9 @@ TASK_NAMES = ["kobest_copa", "kobest_hellaswag", "kobest_boolq", "kobest_sentine
 
 
 def make_hf_model(vocab_size, seed, max_positions=64, head_scale=20.0, std=0.02):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=160, max_position_embeddings=max_positions, layer_norm_eps=1e-5,
-                           attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False, rotary_pct=0.5,
-                           use_parallel_residual=True, hidden_act="gelu", bos_token_id=0, eos_token_id=2,
-                           initializer_range=std)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name or "layernorm" in name or "layer_norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            if "embed_out" in name or "lm_head" in name:
-                p.mul_(head_scale)  # sharper distributions: greedy continuations and decisive choices
-    return model
+    return random_gpt_neox(seed, head_scale=head_scale, vocab_size=vocab_size, max_position_embeddings=max_positions,
+                           rotary_pct=0.5, use_parallel_residual=True, hidden_act="gelu", bos_token_id=0,
+                           eos_token_id=2, initializer_range=std)
 
 
 def hf_loglikelihood(model, context, continuation, max_length):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_harness import run_distributed
+from hf_models import random_gpt_neox
 from megaglot.checkpoint.hf import global_name, lookup, model_config_from_hf, pad_vocab
 from megaglot.checkpoint.sharding import gather_full_tensor, load_full_tensors, named_global_parameters
 from megaglot.config import get_model_preset, model_presets
@@ -24,20 +25,7 @@ HF_CONFIGS = [
 
 
 def make_hf_model(overrides, seed):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    config = GPTNeoXConfig(vocab_size=1003, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=160, max_position_embeddings=64, layer_norm_eps=1e-5,
-                           attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False,
-                           **overrides)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config).float().eval()
-    with torch.no_grad():  # non-trivial biases and norms so every term is exercised
-        for name, p in model.named_parameters():
-            if "bias" in name or "layernorm" in name or "layer_norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return random_gpt_neox(seed, **overrides)
 
 
 def hf_reference(model, tokens, labels):

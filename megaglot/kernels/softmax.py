@@ -81,6 +81,14 @@ def _check_scale(scale: float, op: str) -> float:
     return value
 
 
+def _softmax_backward(kernel_name: str, ctx, grad: torch.Tensor) -> torch.Tensor:
+    """d softmax for all three variants: masking only shaped the forward (masked probs are 0)."""
+    (probs,) = ctx.saved_tensors
+    fn = _kernel(kernel_name, probs)
+    grad = grad.to(probs.dtype)
+    return fn(grad, probs, ctx.scale) if fn is not None else _backward_torch(grad, probs, ctx.scale)
+
+
 class _ScaledUpperTriangMaskedSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -95,10 +103,7 @@ class _ScaledUpperTriangMaskedSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (probs,) = ctx.saved_tensors
-        fn = _kernel("scaled_upper_triang_masked_softmax_backward", probs)
-        grad = grad.to(probs.dtype)
-        dx = fn(grad, probs, ctx.scale) if fn is not None else _backward_torch(grad, probs, ctx.scale)
+        dx = _softmax_backward("scaled_upper_triang_masked_softmax_backward", ctx, grad)
         return dx, None
 
 
@@ -113,10 +118,7 @@ class _ScaledMaskedSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (probs,) = ctx.saved_tensors
-        fn = _kernel("scaled_masked_softmax_backward", probs)
-        grad = grad.to(probs.dtype)
-        dx = fn(grad, probs, ctx.scale) if fn is not None else _backward_torch(grad, probs, ctx.scale)
+        dx = _softmax_backward("scaled_masked_softmax_backward", ctx, grad)
         return dx, None, None
 
 
@@ -131,10 +133,7 @@ class _ScaledSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (probs,) = ctx.saved_tensors
-        fn = _kernel("scaled_softmax_backward", probs)
-        grad = grad.to(probs.dtype)
-        dx = fn(grad, probs, ctx.scale) if fn is not None else _backward_torch(grad, probs, ctx.scale)
+        dx = _softmax_backward("scaled_softmax_backward", ctx, grad)
         return dx, None
 
 

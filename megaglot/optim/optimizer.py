@@ -67,7 +67,6 @@ class MasterPiece:
             src = param.detach().reshape(-1)[flat_start:flat_end]
             self.master = torch.nn.Parameter(src.float().clone().view(param.shape if whole else (-1,)))
         self.grad = grad.view_as(self.master)  # fp32 view into the DP buffer
-        self.whole = whole
 
     @property
     def counts_for_norm(self) -> bool:

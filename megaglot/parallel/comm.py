@@ -26,7 +26,7 @@ def _native_single_tensor_collectives(group) -> bool:
 
 # ---- raw primitives (no autograd) ----------------------------------------------------------
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum over the group, in place (x is a fresh activation or gradient owned by the caller)."""
+    """Sum over the group, in place: callers pass a tensor they own (a clone where autograd owns it)."""
     if dist.get_world_size(group) == 1:
         return x
     x = x.contiguous()

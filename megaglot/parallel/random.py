@@ -110,7 +110,7 @@ def _restore_rng(saved) -> None:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, num_tensor_args, *args):
+    def forward(ctx, fn, *args):
         ctx.fn = fn
         ctx.rng_before = _capture_rng()
         with torch.no_grad():
@@ -143,9 +143,9 @@ class _Checkpoint(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         grads = tuple(t.grad if torch.is_tensor(t) else None for t in inputs)
-        return (None, None) + grads
+        return (None,) + grads
 
 
 def checkpoint(fn, *args):
     """fn(*args) without keeping its activations; recomputed in backward with identical RNG."""
-    return _Checkpoint.apply(fn, len(args), *args)
+    return _Checkpoint.apply(fn, *args)
