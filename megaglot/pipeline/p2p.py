@@ -1,9 +1,11 @@
 """Point-to-point exchange between adjacent pipeline stages.
 
 Activations travel forward (stage i -> i+1), their gradients backward (i+1 -> i). Every exchange
-is one `torch.distributed.batch_isend_irecv` over the pipeline group's *global* ranks, waited on
-before returning, so a stage that sends downstream while receiving from downstream (1F1B's steady
-state) posts both halves at once and cannot deadlock with its neighbour doing the mirror image.
+is one `torch.distributed.batch_isend_irecv` over the pipeline group's *global* ranks, so a stage
+that sends downstream while receiving from downstream (1F1B's steady state) posts both halves at
+once and cannot deadlock with its neighbour doing the mirror image. 1F1B waits on each exchange
+before going on; interleaved 1F1B posts with `wait=False` and waits on the returned `Pending`
+right before it needs what arrives (Megatron's overlap_p2p_comm).
 
 Shapes are known ahead (`[s/tp if sequence parallel else s, micro batch, h]`), so receive buffers
 are allocated from `tensor_shape`/`dtype`; a send whose shape or dtype differs raises a clear
@@ -49,14 +51,47 @@ def _check_send(tensor: torch.Tensor, tensor_shape, dtype, what: str) -> torch.T
     return tensor.detach().contiguous()
 
 
+class Pending:
+    """An exchange that was posted but not waited on (`communicate(..., wait=False)`).
+
+    `wait()` before reading what it receives; it also keeps the sent tensors alive until then.
+    Received activations get `requires_grad` only once they have arrived.
+    """
+
+    def __init__(self, requests, keep_alive, activation: Optional[torch.Tensor], device: torch.device):
+        self._requests, self._keep_alive = requests, keep_alive
+        self._activation, self._device = activation, device
+
+    def wait(self) -> None:
+        if self._requests is None:
+            return
+        for request in self._requests:
+            request.wait()
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)  # batch_isend_irecv's waits are stream-ordered on NCCL
+        if self._activation is not None:
+            self._activation.requires_grad_()
+        self._requests = self._keep_alive = self._activation = None
+
+
+def wait_all(*pending: Optional[Pending]) -> None:
+    for p in pending:
+        if p is not None:
+            p.wait()
+
+
 def communicate(tensor_send_next: Optional[torch.Tensor], tensor_send_prev: Optional[torch.Tensor],
                 recv_prev: bool, recv_next: bool, tensor_shape: Sequence[int], dtype: torch.dtype,
-                device: Optional[torch.device] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                device: Optional[torch.device] = None, wait: bool = True):
     """Send/receive in both directions at once; returns (from previous stage, from next stage).
 
     No stage logic here: a tensor that is given is sent, a receive that is asked for is posted
     (the schedules decide, so that the interleaved ring wrap works). Received activations are
     returned with `requires_grad` set (they are the next chunk's leaf inputs).
+
+    wait=False returns `(from_prev, from_next, Pending)` right after posting: the caller computes
+    meanwhile and calls `Pending.wait()` before touching the received buffers, so the message
+    latency hides behind compute (Megatron's overlap_p2p_comm).
     """
     group = state.get_pipeline_parallel_group()
     if device is None:
@@ -77,13 +112,10 @@ def communicate(tensor_send_next: Optional[torch.Tensor], tensor_send_prev: Opti
                               prev_rank, group, _TAG_BACKWARD))
     if from_next is not None:
         ops.append(dist.P2POp(dist.irecv, from_next, next_rank, group, _TAG_BACKWARD))
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # batch_isend_irecv's waits are stream-ordered on NCCL
-    if from_prev is not None:
-        from_prev.requires_grad_()
+    pending = Pending(dist.batch_isend_irecv(ops) if ops else [], [op.tensor for op in ops], from_prev, device)
+    if not wait:
+        return from_prev, from_next, pending
+    pending.wait()
     return from_prev, from_next
 
 
@@ -137,14 +169,23 @@ def send_backward_recv_forward(input_grad, tensor_shape, dtype, device=None) -> 
 
 
 # ---- interleaved helpers: the schedule decides everything (ring wrap included) ------------------
-def send_forward_recv_forward(output, recv_prev: bool, tensor_shape, dtype, device=None):
-    return communicate(output, None, recv_prev, False, tensor_shape, dtype, device)[0]
+def recv_forward_any(tensor_shape, dtype, device=None) -> torch.Tensor:
+    """Activation from the previous rank in the ring (the schedule knows one is coming)."""
+    return communicate(None, None, True, False, tensor_shape, dtype, device)[0]
 
 
-def send_backward_recv_backward(input_grad, recv_next: bool, tensor_shape, dtype, device=None):
-    return communicate(None, input_grad, False, recv_next, tensor_shape, dtype, device)[1]
+def recv_backward_any(tensor_shape, dtype, device=None) -> torch.Tensor:
+    """Gradient from the next rank in the ring (the schedule knows one is coming)."""
+    return communicate(None, None, False, True, tensor_shape, dtype, device)[1]
 
 
-def send_forward_backward_recv_forward_backward(output, input_grad, recv_prev: bool, recv_next: bool,
-                                                tensor_shape, dtype, device=None):
-    return communicate(output, input_grad, recv_prev, recv_next, tensor_shape, dtype, device)
+def send_forward_recv_forward(output, recv_prev: bool, tensor_shape, dtype, device=None, wait: bool = True):
+    """Forward-direction traffic only. wait=False: returns (activation buffer, Pending)."""
+    result = communicate(output, None, recv_prev, False, tensor_shape, dtype, device, wait=wait)
+    return result[0] if wait else (result[0], result[2])
+
+
+def send_backward_recv_backward(input_grad, recv_next: bool, tensor_shape, dtype, device=None, wait: bool = True):
+    """Backward-direction traffic only. wait=False: returns (gradient buffer, Pending)."""
+    result = communicate(None, input_grad, False, recv_next, tensor_shape, dtype, device, wait=wait)
+    return result[1] if wait else (result[1], result[2])

@@ -250,7 +250,7 @@ def _one_f_one_b(run: _Runner) -> None:
 
 
 def _interleaved(run: _Runner) -> None:
-    """Megatron-LM's forward_backward_pipelining_with_interleaving, step for step."""
+    """Megatron-LM's forward_backward_pipelining_with_interleaving with overlap_p2p_comm, step for step."""
     p, r = state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank()
     v = len(run.chunks)
     m = run.num_microbatches
@@ -301,8 +301,17 @@ def _interleaved(run: _Runner) -> None:
         return run.backward(c, microbatch_of(k), inputs[c].pop(0), outputs[c].pop(0), output_grads[c].pop(0))
 
     first_physical, last_physical = r == 0, r == p - 1
-    inputs[0].append(None if first_physical else p2p.communicate(None, None, True, False, shape, dtype, dev)[0])
+    # Every exchange is posted without waiting (p2p.Pending) and waited on right before its
+    # buffers are needed: the activation for the next forward before that forward, the gradient
+    # for the next backward before that backward. A forward therefore never waits for a gradient
+    # it does not use (the lockstep of one combined exchange per step costs a chunk's forward per
+    # stage at the end of the warm-up), and message latency hides behind compute.
+    inputs[0].append(None if first_physical else p2p.recv_forward_any(shape, dtype, dev))
+    fwd_pending: Optional[p2p.Pending] = None
+    bwd_pending: Optional[p2p.Pending] = None
+    output = None
     for k in range(warmup):
+        p2p.wait_all(fwd_pending)
         output = forward_k(k)
         next_c = chunk_of(k + 1, True)
         recv_prev = not (first_physical and next_c == 0)
@@ -310,26 +319,21 @@ def _interleaved(run: _Runner) -> None:
             recv_prev = False
         if last_stage_of(chunk_of(k, True)):
             output = None
+        input_tensor, fwd_pending = p2p.send_forward_recv_forward(output, recv_prev, shape, dtype, dev, wait=False)
         if k == warmup - 1 and not forward_only and not all_warmup:
-            recv_next = not last_physical
-            input_tensor, output_grad = p2p.send_forward_backward_recv_forward_backward(
-                output, None, recv_prev, recv_next, shape, dtype, dev)
+            output_grad, bwd_pending = p2p.send_backward_recv_backward(
+                None, not last_physical, shape, dtype, dev, wait=False)
             output_grads[v - 1].append(output_grad)
-        else:
-            input_tensor = p2p.send_forward_recv_forward(output, recv_prev, shape, dtype, dev)
         inputs[next_c].append(input_tensor)
         if not forward_only:
             deallocate_output_tensor(output)
 
     for k in range(remaining):
         fk, bk = k + warmup, k
+        p2p.wait_all(fwd_pending)
         output = forward_k(fk)
-        input_grad = backward_k(bk)
         if last_stage_of(chunk_of(fk, True)):
             output = None
-        if first_stage_of(chunk_of(bk, False)):
-            input_grad = None
-
         recv_prev = True
         if first_physical:
             # The first stage is p - 1 forwards ahead of the last one.
@@ -339,6 +343,15 @@ def _interleaved(run: _Runner) -> None:
             next_fc += 1
         else:
             next_fc = chunk_of(fk + 1, True)
+        if k == remaining - 1:
+            recv_prev = False
+        input_tensor, fwd_pending = p2p.send_forward_recv_forward(output, recv_prev, shape, dtype, dev, wait=False)
+        deallocate_output_tensor(output)
+
+        p2p.wait_all(bwd_pending)
+        input_grad = backward_k(bk)
+        if first_stage_of(chunk_of(bk, False)):
+            input_grad = None
         recv_next = True
         if last_physical:
             next_bc = chunk_of(bk - (p - 1), False)
@@ -347,21 +360,18 @@ def _interleaved(run: _Runner) -> None:
             next_bc -= 1
         else:
             next_bc = chunk_of(bk + 1, False)
-        if k == remaining - 1:
-            recv_prev = False
-
-        input_tensor, output_grad = p2p.send_forward_backward_recv_forward_backward(
-            output, input_grad, recv_prev, recv_next, shape, dtype, dev)
-        deallocate_output_tensor(output)
+        output_grad, bwd_pending = p2p.send_backward_recv_backward(input_grad, recv_next, shape, dtype, dev,
+                                                                   wait=False)
         if recv_prev:
             inputs[next_fc].append(input_tensor)
         if recv_next:
             output_grads[next_bc].append(output_grad)
 
+    p2p.wait_all(fwd_pending)  # the last forward's send
     if not forward_only:
+        p2p.wait_all(bwd_pending)
         if all_warmup:
-            output_grads[v - 1].append(
-                None if last_physical else p2p.communicate(None, None, False, True, shape, dtype, dev)[1])
+            output_grads[v - 1].append(None if last_physical else p2p.recv_backward_any(shape, dtype, dev))
         for k in range(remaining, total):
             input_grad = backward_k(k)
             next_bc = chunk_of(k + 1, False)
