@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_math.h"
@@ -36,11 +37,33 @@ struct RowLayout {
 // buf[j] = x[j] * scale, or -inf where mask[j] (mask may be null); returns the max. One fused loop:
 // the row is read once and the max is kept in kLanes partial maxima (SIMD registers).
 template <typename C, typename A = typename C::acc>
-MG_INLINE A load_scaled_max(const typename C::storage* x, const uint8_t* mask, A scale, A* buf, int64_t n) {
+MG_INLINE A load_scaled_max(const typename C::storage* __restrict x, const uint8_t* __restrict mask, A scale,
+                            A* __restrict buf, int64_t n) {
   const A kNegInf = neg_inf<A>();
+  int64_t j = 0;
+#ifdef MG_HAVE_VECTOR_EXT
+  if constexpr (std::is_same<A, float>::value && kLanes == 16) {
+    using cpu::f32x16;
+    f32x16 vmax = f32x16{} + kNegInf;
+    for (; j + 16 <= n; j += 16) {
+      f32x16 v = C::load16(x + j) * scale;
+      if (mask != nullptr) v = cpu::mask_lanes(mask + j) ? f32x16{} + kNegInf : v;
+      cpu::store_f32x16(buf + j, v);
+      vmax = vmax > v ? vmax : v;
+    }
+    A m = kNegInf;
+    for (int l = 0; l < 16; ++l) m = m > vmax[l] ? m : vmax[l];
+    for (; j < n; ++j) {
+      const A scaled = C::load(x[j]) * scale;
+      const A v = (mask != nullptr && mask[j]) ? kNegInf : scaled;
+      buf[j] = v;
+      m = m > v ? m : v;
+    }
+    return m;
+  }
+#endif
   A lanes[kLanes];
   for (int l = 0; l < kLanes; ++l) lanes[l] = kNegInf;
-  int64_t j = 0;
   if (mask == nullptr) {
     for (; j + kLanes <= n; j += kLanes)
       for (int l = 0; l < kLanes; ++l) {
@@ -49,9 +72,12 @@ MG_INLINE A load_scaled_max(const typename C::storage* x, const uint8_t* mask, A
         lanes[l] = lanes[l] > v ? lanes[l] : v;
       }
   } else {
+    // Load and scale unconditionally, then select: a load inside the ?: would not be if-converted
+    // (the compiler cannot prove it safe to speculate) and the loop would stay scalar.
     for (; j + kLanes <= n; j += kLanes)
       for (int l = 0; l < kLanes; ++l) {
-        const A v = mask[j + l] ? kNegInf : C::load(x[j + l]) * scale;
+        const A scaled = C::load(x[j + l]) * scale;
+        const A v = mask[j + l] ? kNegInf : scaled;
         buf[j + l] = v;
         lanes[l] = lanes[l] > v ? lanes[l] : v;
       }
@@ -59,7 +85,8 @@ MG_INLINE A load_scaled_max(const typename C::storage* x, const uint8_t* mask, A
   A m = kNegInf;
   for (int l = 0; l < kLanes; ++l) m = m > lanes[l] ? m : lanes[l];
   for (; j < n; ++j) {
-    const A v = (mask != nullptr && mask[j]) ? kNegInf : C::load(x[j]) * scale;
+    const A scaled = C::load(x[j]) * scale;
+    const A v = (mask != nullptr && mask[j]) ? kNegInf : scaled;
     buf[j] = v;
     m = m > v ? m : v;
   }
@@ -89,14 +116,35 @@ MG_INLINE A exp_and_sum(A* v, int64_t n, A m) {
 
 template <typename C, typename A = typename C::acc>
 MG_INLINE A dot_of(const typename C::storage* a, const typename C::storage* b, int64_t n) {
-  A lanes[kLanes] = {};
   int64_t j = 0;
+#ifdef MG_HAVE_VECTOR_EXT
+  if constexpr (std::is_same<A, float>::value) {
+    cpu::f32x16 acc{};
+    for (; j + 16 <= n; j += 16) acc += C::load16(a + j) * C::load16(b + j);
+    A s = 0;
+    for (; j < n; ++j) s += C::load(a[j]) * C::load(b[j]);
+    for (int l = 0; l < 16; ++l) s += acc[l];
+    return s;
+  }
+#endif
+  A lanes[kLanes] = {};
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l) lanes[l] += C::load(a[j + l]) * C::load(b[j + l]);
   A s = 0;
   for (; j < n; ++j) s += C::load(a[j]) * C::load(b[j]);
   for (int l = 0; l < kLanes; ++l) s += lanes[l];
   return s;
+}
+
+// out[j] = C::store(buf[j] * factor) for j < n.
+template <typename C, typename A = typename C::acc>
+MG_INLINE void store_scaled(const A* buf, A factor, typename C::storage* out, int64_t n) {
+  int64_t j = 0;
+#ifdef MG_HAVE_VECTOR_EXT
+  if constexpr (std::is_same<A, float>::value)
+    for (; j + 16 <= n; j += 16) C::store16(out + j, cpu::load_f32x16(buf + j) * factor);
+#endif
+  for (; j < n; ++j) out[j] = C::store(buf[j] * factor);
 }
 
 template <typename C, typename A = typename C::acc>
@@ -120,7 +168,7 @@ MG_INLINE void forward_rows(const typename C::storage* x, const uint8_t* mask, t
       continue;
     }
     const A inv = A(1) / exp_and_sum(buf, valid, m);
-    for (int64_t j = 0; j < valid; ++j) yr[j] = C::store(buf[j] * inv);
+    store_scaled<C>(buf, inv, yr, valid);
     for (int64_t j = valid; j < sk; ++j) yr[j] = C::store(A(0));
   }
 }
@@ -135,7 +183,12 @@ MG_INLINE void backward_rows(const typename C::storage* g, const typename C::sto
     const auto* yr = y + row * sk;
     auto* dr = dx + row * sk;
     const A dot = dot_of<C>(gr, yr, valid);
-    for (int64_t j = 0; j < valid; ++j) dr[j] = C::store(scale * C::load(yr[j]) * (C::load(gr[j]) - dot));
+    int64_t j = 0;
+#ifdef MG_HAVE_VECTOR_EXT
+    if constexpr (std::is_same<A, float>::value)
+      for (; j + 16 <= valid; j += 16) C::store16(dr + j, scale * C::load16(yr + j) * (C::load16(gr + j) - dot));
+#endif
+    for (; j < valid; ++j) dr[j] = C::store(scale * C::load(yr[j]) * (C::load(gr[j]) - dot));
     for (int64_t j = valid; j < sk; ++j) dr[j] = C::store(A(0));
   }
 }
