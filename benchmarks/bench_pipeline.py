@@ -9,7 +9,7 @@ chunks). Bubble = (span - busy) / busy per rank, averaged over ranks (see
 The theory leaves out the cost of each exchange. What the measurement holds beyond it is printed
 as "excess/op": (measured - theory) x busy time / (forwards + backwards per rank). On the 2-core
 VM it is about 0.4 ms per op (posting and waiting on gloo messages right after an idle sleep;
-the same calls take 0.04 ms in a tight loop), a fixed cost that grows with m while the theory's
+the same calls take 0.04 ms after a 2 ms sleep), a fixed cost that grows with m while the theory's
 idle time does not. The default 200 ms stages keep it under 10% of theory up to m = 32 at v = 2;
 at 100 ms the v = 2, m = 32 run measures about 1.12x theory.
 

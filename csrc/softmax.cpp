@@ -37,12 +37,11 @@ struct RowLayout {
 // buf[j] = x[j] * scale, or -inf where mask[j] (mask may be null); returns the max. One fused loop:
 // the row is read once and the max is kept in kLanes partial maxima (SIMD registers).
 template <typename C, typename A = typename C::acc>
-MG_INLINE A load_scaled_max(const typename C::storage* __restrict x, const uint8_t* __restrict mask, A scale,
-                            A* __restrict buf, int64_t n) {
+MG_INLINE A load_scaled_max(const typename C::storage* x, const uint8_t* mask, A scale, A* buf, int64_t n) {
   const A kNegInf = neg_inf<A>();
   int64_t j = 0;
 #ifdef MG_HAVE_VECTOR_EXT
-  if constexpr (std::is_same<A, float>::value && kLanes == 16) {
+  if constexpr (std::is_same<A, float>::value) {
     using cpu::f32x16;
     f32x16 vmax = f32x16{} + kNegInf;
     for (; j + 16 <= n; j += 16) {
@@ -72,12 +71,9 @@ MG_INLINE A load_scaled_max(const typename C::storage* __restrict x, const uint8
         lanes[l] = lanes[l] > v ? lanes[l] : v;
       }
   } else {
-    // Load and scale unconditionally, then select: a load inside the ?: would not be if-converted
-    // (the compiler cannot prove it safe to speculate) and the loop would stay scalar.
     for (; j + kLanes <= n; j += kLanes)
       for (int l = 0; l < kLanes; ++l) {
-        const A scaled = C::load(x[j + l]) * scale;
-        const A v = mask[j + l] ? kNegInf : scaled;
+        const A v = mask[j + l] ? kNegInf : C::load(x[j + l]) * scale;
         buf[j + l] = v;
         lanes[l] = lanes[l] > v ? lanes[l] : v;
       }
@@ -85,8 +81,7 @@ MG_INLINE A load_scaled_max(const typename C::storage* __restrict x, const uint8
   A m = kNegInf;
   for (int l = 0; l < kLanes; ++l) m = m > lanes[l] ? m : lanes[l];
   for (; j < n; ++j) {
-    const A scaled = C::load(x[j]) * scale;
-    const A v = (mask != nullptr && mask[j]) ? kNegInf : scaled;
+    const A v = (mask != nullptr && mask[j]) ? kNegInf : C::load(x[j]) * scale;
     buf[j] = v;
     m = m > v ? m : v;
   }

@@ -62,6 +62,11 @@ class Pending:
         self._requests, self._keep_alive = requests, keep_alive
         self._activation, self._device = activation, device
 
+    @staticmethod
+    def done() -> "Pending":
+        """Nothing outstanding: a start value for schedules that wait before each use."""
+        return Pending(None, None, None, None)
+
     def wait(self) -> None:
         if self._requests is None:
             return
@@ -72,12 +77,6 @@ class Pending:
         if self._activation is not None:
             self._activation.requires_grad_()
         self._requests = self._keep_alive = self._activation = None
-
-
-def wait_all(*pending: Optional[Pending]) -> None:
-    for p in pending:
-        if p is not None:
-            p.wait()
 
 
 def communicate(tensor_send_next: Optional[torch.Tensor], tensor_send_prev: Optional[torch.Tensor],
@@ -169,16 +168,6 @@ def send_backward_recv_forward(input_grad, tensor_shape, dtype, device=None) -> 
 
 
 # ---- interleaved helpers: the schedule decides everything (ring wrap included) ------------------
-def recv_forward_any(tensor_shape, dtype, device=None) -> torch.Tensor:
-    """Activation from the previous rank in the ring (the schedule knows one is coming)."""
-    return communicate(None, None, True, False, tensor_shape, dtype, device)[0]
-
-
-def recv_backward_any(tensor_shape, dtype, device=None) -> torch.Tensor:
-    """Gradient from the next rank in the ring (the schedule knows one is coming)."""
-    return communicate(None, None, False, True, tensor_shape, dtype, device)[1]
-
-
 def send_forward_recv_forward(output, recv_prev: bool, tensor_shape, dtype, device=None, wait: bool = True):
     """Forward-direction traffic only. wait=False: returns (activation buffer, Pending)."""
     result = communicate(output, None, recv_prev, False, tensor_shape, dtype, device, wait=wait)

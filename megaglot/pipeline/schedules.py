@@ -304,14 +304,13 @@ def _interleaved(run: _Runner) -> None:
     # Every exchange is posted without waiting (p2p.Pending) and waited on right before its
     # buffers are needed: the activation for the next forward before that forward, the gradient
     # for the next backward before that backward. A forward therefore never waits for a gradient
-    # it does not use (the lockstep of one combined exchange per step costs a chunk's forward per
-    # stage at the end of the warm-up), and message latency hides behind compute.
-    inputs[0].append(None if first_physical else p2p.recv_forward_any(shape, dtype, dev))
-    fwd_pending: Optional[p2p.Pending] = None
-    bwd_pending: Optional[p2p.Pending] = None
-    output = None
+    # it does not use (one combined exchange per step would make a stage wait for the first
+    # gradient before its next forward at the end of the warm-up), and message latency can hide
+    # behind compute.
+    inputs[0].append(p2p.recv_forward(shape, dtype, dev))  # None on the first stage
+    fwd_pending = bwd_pending = p2p.Pending.done()
     for k in range(warmup):
-        p2p.wait_all(fwd_pending)
+        fwd_pending.wait()
         output = forward_k(k)
         next_c = chunk_of(k + 1, True)
         recv_prev = not (first_physical and next_c == 0)
@@ -330,7 +329,7 @@ def _interleaved(run: _Runner) -> None:
 
     for k in range(remaining):
         fk, bk = k + warmup, k
-        p2p.wait_all(fwd_pending)
+        fwd_pending.wait()
         output = forward_k(fk)
         if last_stage_of(chunk_of(fk, True)):
             output = None
@@ -348,7 +347,7 @@ def _interleaved(run: _Runner) -> None:
         input_tensor, fwd_pending = p2p.send_forward_recv_forward(output, recv_prev, shape, dtype, dev, wait=False)
         deallocate_output_tensor(output)
 
-        p2p.wait_all(bwd_pending)
+        bwd_pending.wait()
         input_grad = backward_k(bk)
         if first_stage_of(chunk_of(bk, False)):
             input_grad = None
@@ -367,11 +366,11 @@ def _interleaved(run: _Runner) -> None:
         if recv_next:
             output_grads[next_bc].append(output_grad)
 
-    p2p.wait_all(fwd_pending)  # the last forward's send
+    fwd_pending.wait()  # the last forward's send
     if not forward_only:
-        p2p.wait_all(bwd_pending)
+        bwd_pending.wait()
         if all_warmup:
-            output_grads[v - 1].append(None if last_physical else p2p.recv_backward_any(shape, dtype, dev))
+            output_grads[v - 1].append(p2p.recv_backward(shape, dtype, dev))  # None on the last stage
         for k in range(remaining, total):
             input_grad = backward_k(k)
             next_bc = chunk_of(k + 1, False)
