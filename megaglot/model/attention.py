@@ -2,8 +2,9 @@
 
 The QKV weight keeps Hugging Face's per-head `[q, k, v]` row order, so splitting its rows over
 TP hands each rank whole heads and converting a checkpoint is a reshape, never a shuffle.
-Backends: `torch` (the plain reference), `sdpa` (torch's scaled_dot_product_attention) and
-`fused` (megaglot's causal softmax kernel); all compute the same thing to round-off.
+Backends: `torch` (the plain reference, eager rotary), `sdpa` (torch's scaled_dot_product_attention)
+and `fused` (megaglot's causal softmax kernel); the last two rotate q and k with the fused rotary
+kernel. All compute the same thing to round-off.
 
 Inference: `KVCache` keeps every layer's keys and values for generation; with one, a forward pass
 over s new tokens attends to the cached positions plus its own (`cached_attention`).
@@ -165,7 +166,7 @@ class SelfAttention(nn.Module):
             length = max(position_offset + s, self.config.max_position_embeddings)  # one cached table
             cos, sin = rotary_cos_sin(length, rd, self.config.rotary_base, q.device)
             cos, sin = cos[position_offset:position_offset + s], sin[position_offset:position_offset + s]
-            if self.config.attention_backend == "fused":
+            if self.config.attention_backend != "torch":  # the fused kernel: one pass over q and k
                 q, k = fused_rotary(q, k, cos, sin)
             else:
                 q, k = apply_rotary_torch(q, cos, sin), apply_rotary_torch(k, cos, sin)

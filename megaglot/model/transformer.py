@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megaglot.config import ModelConfig
 from megaglot.model.attention import SelfAttention
+from megaglot.model.fusions import bias_activation, residual_sum
 from megaglot.model.layernorm import LayerNorm
 from megaglot.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megaglot.parallel.random import get_rng_tracker
@@ -30,18 +32,20 @@ class MLP(nn.Module):
         super().__init__()
         h, f = config.hidden_size, config.ffn_hidden_size
         self.dense_h_to_4h = ColumnParallelLinear(
-            h, f, sequence_parallel=sequence_parallel, init_method=layer_seed_init("mlp.dense_h_to_4h.weight"),
-            params_dtype=params_dtype, device=device)
+            h, f, skip_bias_add=True, sequence_parallel=sequence_parallel,
+            init_method=layer_seed_init("mlp.dense_h_to_4h.weight"), params_dtype=params_dtype, device=device)
         self.dense_4h_to_h = RowParallelLinear(
             f, h, input_is_parallel=True, sequence_parallel=sequence_parallel, skip_bias_add=True,
             init_method=layer_seed_init("mlp.dense_4h_to_h.weight", output_layer=True),
             params_dtype=params_dtype, device=device)
         self.act = activation(config.hidden_act)
+        self.hidden_act = config.hidden_act
 
     def forward(self, x):
         # x: [s(/tp), b, h] -> [s, b, f/tp] -> [s(/tp), b, h] (bias returned separately)
-        inner, _ = self.dense_h_to_4h(x)
-        return self.dense_4h_to_h(self.act(inner))
+        inner, bias = self.dense_h_to_4h(x)
+        inner = self.act(inner) if bias is None else bias_activation(inner, bias, self.hidden_act)
+        return self.dense_4h_to_h(inner)
 
 
 class TransformerBlock(nn.Module):
@@ -72,9 +76,13 @@ class TransformerBlock(nn.Module):
         # x: [s(/tp), b, h]; kv_cache: this layer's inference cache (attention.LayerKVCache) or None
         attn = self.attention(self.input_layernorm(x), position_offset, kv_cache) if kv_cache is not None \
             else self.attention(self.input_layernorm(x), position_offset)
-        attn = self._dropout(*attn)
         if self.config.use_parallel_residual:
-            mlp = self._dropout(*self.mlp(self.post_attention_layernorm(x)))
-            return mlp + attn + x  # Hugging Face's order of additions
+            mlp = self.mlp(self.post_attention_layernorm(x))
+            no_dropout = self.config.hidden_dropout == 0.0 or not self.training
+            if no_dropout and attn[1] is not None and mlp[1] is not None:
+                return residual_sum(x, attn[0], attn[1], mlp[0], mlp[1])
+            attn = self._dropout(*attn)
+            return self._dropout(*mlp) + attn + x  # Hugging Face's order of additions
+        attn = self._dropout(*attn)
         x = attn + x
         return self._dropout(*self.mlp(self.post_attention_layernorm(x))) + x

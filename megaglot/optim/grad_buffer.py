@@ -14,6 +14,8 @@ reduce-scattered: DP rank r owns the r-th slice of every bucket.
 
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -91,20 +93,34 @@ class GradBuffer:
             b.ready, b.handle = 0, None
 
     def _make_hook(self):
+        # A weak reference: the hook lives on the parameter, and a strong one would make
+        # buffer -> params -> hook -> buffer a cycle that keeps a freed model's memory alive.
+        buffer_ref = weakref.ref(self)
+
         def hook(param: torch.nn.Parameter) -> None:
-            # Accumulate in fp32 and free the (possibly bf16) autograd gradient.
-            param.main_grad.add_(param.grad)
+            # Accumulate in fp32 and free the (possibly bf16) autograd gradient, unless the
+            # backward GEMM already added it into main_grad (parallel.layers.LinearIntoMainGrad).
+            if getattr(param, "grad_added_to_main_grad", False):
+                param.grad_added_to_main_grad = False
+            else:
+                param.main_grad.add_(param.grad)
             param.grad = None
-            if not self.overlap or self.dp_size == 1:
-                return
-            self.grad_counts[param] = self.grad_counts.get(param, 0) + 1
-            if self.grad_counts[param] == self.num_microbatches:
-                bucket = self.bucket_of[param]
-                bucket.ready += 1
-                if bucket.ready == len(bucket.params):
-                    self._launch(bucket)
+            buffer = buffer_ref()
+            if buffer is not None:
+                buffer._gradient_ready(param)
 
         return hook
+
+    def _gradient_ready(self, param: torch.nn.Parameter) -> None:
+        """Count one microbatch's gradient of `param`; launch its bucket's reduction once all are in."""
+        if not self.overlap or self.dp_size == 1:
+            return
+        self.grad_counts[param] = self.grad_counts.get(param, 0) + 1
+        if self.grad_counts[param] == self.num_microbatches:
+            bucket = self.bucket_of[param]
+            bucket.ready += 1
+            if bucket.ready == len(bucket.params):
+                self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
         if bucket.handle is not None or self.dp_size == 1:

@@ -8,6 +8,7 @@ keeps this rank's slice, so the gathered weights are bit-identical at every TP s
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -67,6 +68,69 @@ def _sharded_parameter(global_shape, partition_dim: Optional[int], init_method: 
     return param
 
 
+@functools.lru_cache(maxsize=None)
+def _mixed_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch adds a `dtype` x `dtype` product into an fp32 tensor in one GEMM
+    (torch.addmm with out_dtype=float32, CUDA only), checked once per device against a reference."""
+    try:
+        a = torch.randn(64, 48, device=device).to(dtype)
+        b = torch.randn(48, 32, device=device).to(dtype)
+        acc = torch.randn(64, 32, device=device)
+        want = acc + a.float() @ b.float()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, want, rtol=1e-2, atol=1e-2))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def accumulates_into_main_grad(weight: torch.Tensor) -> bool:
+    """True when `weight`'s gradient can go straight into its fp32 `main_grad` from the GEMM."""
+    main_grad = getattr(weight, "main_grad", None)
+    if main_grad is None or not weight.requires_grad or not torch.is_grad_enabled():
+        return False
+    if main_grad.dtype == weight.dtype:
+        return True
+    return weight.is_cuda and _mixed_addmm_works(weight.device, weight.dtype)
+
+
+class LinearIntoMainGrad(torch.autograd.Function):
+    """y = x W^T + b whose weight gradient the backward GEMM adds straight into `W.main_grad`.
+
+    Megatron's gradient-accumulation fusion: no bf16 weight gradient is materialized and the
+    separate fp32 add of the gradient buffer's hook disappears (one pass over every weight per
+    microbatch). The placeholder returned as W's gradient is never read: `W.grad_added_to_main_grad`
+    tells the buffer's hook to skip its add and only count the gradient as ready.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_in = grad_out.matmul(weight)  # [..., in]
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [tokens, out]
+        x2d = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        main_grad = weight.main_grad
+        if main_grad.dtype == weight.dtype:
+            main_grad.addmm_(g2d.t(), x2d)
+        else:
+            torch.addmm(main_grad, g2d.t(), x2d, out_dtype=main_grad.dtype, out=main_grad)
+        weight.grad_added_to_main_grad = True
+        grad_bias = g2d.sum(dim=0) if ctx.has_bias else None
+        return grad_in, torch.empty_like(weight), grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, with the weight gradient fused into `weight.main_grad` when a gradient buffer set one."""
+    if accumulates_into_main_grad(weight):
+        return LinearIntoMainGrad.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns: weight `[out/tp, in]`, output `[s, b, out/tp]`.
 
@@ -100,7 +164,7 @@ class ColumnParallelLinear(nn.Module):
         else:
             x = comm.copy_to_tensor_parallel(x)
         bias = None if self.skip_bias_add else self.bias
-        out = F.linear(x, self.weight, bias)  # [s, b, out/tp]
+        out = linear(x, self.weight, bias)  # [s, b, out/tp]
         if self.gather_output:
             out = comm.gather_from_tensor_parallel(out)  # [s, b, out]
         return out, (self.bias if self.skip_bias_add else None)
@@ -141,7 +205,7 @@ class RowParallelLinear(nn.Module):
         # x: [s, b, in/tp] when input_is_parallel, else [s, b, in]
         if not self.input_is_parallel:
             x = comm.scatter_to_tensor_parallel(x)
-        partial = F.linear(x, self.weight)  # [s, b, out], a partial sum per TP rank
+        partial = linear(x, self.weight)  # [s, b, out], a partial sum per TP rank
         if self.sequence_parallel:
             out = comm.reduce_scatter_to_sequence_parallel(partial)  # [s/tp, b, out]
         else:
