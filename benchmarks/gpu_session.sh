@@ -4,6 +4,7 @@
 # call can carry it in .gpu_build/ instead of rebuilding.
 #   bash benchmarks/gpu_session.sh kernels          # CUDA tests + bench_kernels.py
 #   bash benchmarks/gpu_session.sh train [args...]  # bench_train.py with args
+#   bash benchmarks/gpu_session.sh build            # only build megaglot._C (REBUILD=1 forces it)
 set -uo pipefail
 OUT=${OUT:-/tmp/megaglot-gpu}
 mkdir -p "$OUT"
@@ -39,5 +40,6 @@ case "$stage" in
   train)
     $PY benchmarks/bench_train.py "$@" 2>&1 | tee "$OUT/bench_train.log"
     ;;
+  build) ;;  # only the build (and the import check above)
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
