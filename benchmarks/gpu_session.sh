@@ -16,7 +16,8 @@ stage=${1:-kernels}; shift || true
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo +dirty)"
+# The device tool sends the working tree; its .git may be stale, so pass MEGAGLOT_COMMIT=<sha>.
+echo "commit ${MEGAGLOT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown) (git metadata of the device copy)}"
 
 if ls megaglot/_C*.so >/dev/null 2>&1 && [ -z "${REBUILD:-}" ]; then
   echo "using the CUDA build already in megaglot/"
