@@ -128,8 +128,10 @@ MG_INLINE u32x16 load_u16x16_widened(const uint16_t* p) {
 
 MG_INLINE f32x16 bf16x16_to_float(const uint16_t* p) { return (f32x16)(load_u16x16_widened(p) << 16); }
 
+MG_INLINE u16x16 narrow_u16x16(u32x16 bits) { return __builtin_convertvector(bits, u16x16); }
+
 MG_INLINE void store_narrowed(uint16_t* p, u32x16 bits) {
-  const u16x16 h = __builtin_convertvector(bits, u16x16);
+  const u16x16 h = narrow_u16x16(bits);
   std::memcpy(p, &h, sizeof h);
 }
 
@@ -160,12 +162,14 @@ MG_INLINE void float16_to_half(uint16_t* p, f32x16 f) {
   store_narrowed(p, sign | h);
 }
 
-// float_to_bf16 below, sixteen at a time.
-MG_INLINE void float16_to_bf16(uint16_t* p, f32x16 f) {
+// float_to_bf16 below, sixteen at a time: the bf16 bit patterns in 32-bit lanes, then stored.
+MG_INLINE u32x16 float16_to_bf16_bits(f32x16 f) {
   const u32x16 u = (u32x16)f;
   const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  store_narrowed(p, (u & 0x7FFFFFFFu) > 0x7F800000u ? splat_u32(0x7FC0u) : rounded);
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? splat_u32(0x7FC0u) : rounded;
 }
+
+MG_INLINE void float16_to_bf16(uint16_t* p, f32x16 f) { store_narrowed(p, float16_to_bf16_bits(f)); }
 
 // 16 mask bytes -> lanes that are all ones where the byte is nonzero.
 MG_INLINE i32x16 mask_lanes(const uint8_t* p) {

@@ -2,9 +2,9 @@
 
 Megatron's jit-fused bias-GELU and bias-dropout-add, for dropout 0: the bias additions, the
 activation and the residual sum would otherwise each be a pass over an `[s, b, h]` or `[s, b, 4h]`
-tensor. On CPU (tests, the demo), with MEGAGLOT_NO_COMPILE=1, and after a compilation failure
-(warned once: a machine without a working compiler toolchain still trains) they run eagerly, with
-the same operations in the same order.
+tensor. Fused only in training on CUDA; at inference (fused=False), on CPU (tests, the demo), with
+MEGAGLOT_NO_COMPILE=1 and after a compilation failure (warned once: a machine without a working
+compiler toolchain still trains) they run eagerly, with the same operations in the same order.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def compiling_enabled() -> bool:
     return os.environ.get("MEGAGLOT_NO_COMPILE") != "1" and _compile_failed.cache_info().currsize == 0
 
 
-def _call(fn, *tensors):
-    if tensors[0].is_cuda and compiling_enabled():
+def _call(fn, *tensors, fused: bool = True):
+    if fused and tensors[0].is_cuda and compiling_enabled():
         try:
             return _compiled(fn)(*tensors)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
@@ -63,16 +63,19 @@ def _call(fn, *tensors):
     return fn(*tensors)
 
 
-def residual_sum(x, attn, attn_bias, mlp, mlp_bias):
+def residual_sum(x, attn, attn_bias, mlp, mlp_bias, *, fused: bool = True):
     """x + (attn + attn_bias) + (mlp + mlp_bias): the parallel residual with both row-parallel
-    biases, one pass over three `[s, b, h]` tensors instead of four passes over two."""
-    return _call(_residual_sum, x, attn, attn_bias, mlp, mlp_bias)
+    biases, one pass over three `[s, b, h]` tensors instead of four passes over two.
+
+    fused=False (the model passes its `training` flag) keeps inference eager: generation changes
+    the sequence length at every prompt, and each new shape would be compiled anew."""
+    return _call(_residual_sum, x, attn, attn_bias, mlp, mlp_bias, fused=fused)
 
 
-def bias_activation(y, bias, hidden_act: str):
+def bias_activation(y, bias, hidden_act: str, *, fused: bool = True):
     """act(y + bias) for the MLP's `[s, b, 4h/tp]` (Hugging Face's ACT2FN names). Fused, the forward
     is one pass and the backward computes the input gradient and the bias gradient in one kernel."""
-    return _call(_BIAS_ACTIVATIONS[hidden_act], y, bias)
+    return _call(_BIAS_ACTIVATIONS[hidden_act], y, bias, fused=fused)
 
 
 def compiled_functions() -> int:

@@ -44,7 +44,7 @@ class MLP(nn.Module):
     def forward(self, x):
         # x: [s(/tp), b, h] -> [s, b, f/tp] -> [s(/tp), b, h] (bias returned separately)
         inner, bias = self.dense_h_to_4h(x)
-        inner = self.act(inner) if bias is None else bias_activation(inner, bias, self.hidden_act)
+        inner = self.act(inner) if bias is None else bias_activation(inner, bias, self.hidden_act, fused=self.training)
         return self.dense_4h_to_h(inner)
 
 
@@ -80,7 +80,7 @@ class TransformerBlock(nn.Module):
             mlp = self.mlp(self.post_attention_layernorm(x))
             no_dropout = self.config.hidden_dropout == 0.0 or not self.training
             if no_dropout and attn[1] is not None and mlp[1] is not None:
-                return residual_sum(x, attn[0], attn[1], mlp[0], mlp[1])
+                return residual_sum(x, attn[0], attn[1], mlp[0], mlp[1], fused=self.training)
             attn = self._dropout(*attn)
             return self._dropout(*mlp) + attn + x  # Hugging Face's order of additions
         attn = self._dropout(*attn)
