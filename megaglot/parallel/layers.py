@@ -99,7 +99,9 @@ class LinearIntoMainGrad(torch.autograd.Function):
     Megatron's gradient-accumulation fusion: no bf16 weight gradient is materialized and the
     separate fp32 add of the gradient buffer's hook disappears (one pass over every weight per
     microbatch). The placeholder returned as W's gradient is never read: `W.grad_added_to_main_grad`
-    tells the buffer's hook to skip its add and only count the gradient as ready.
+    tells the buffer's hook to skip its add and only count the gradient as ready. This needs each
+    weight to feed one linear per backward pass, as in megaglot (no tied or shared weights): a second
+    gradient path into W would be summed with the placeholder and skipped.
     """
 
     @staticmethod
