@@ -1,9 +1,10 @@
 """Tensor-parallel layers against plain torch.nn built from the gathered weights.
 
-float32 throughout; tolerance rtol 1e-5, atol 1e-6 (collectives sum partial products in another
+float32 (except the half-precision cross-entropy check); tolerance rtol 1e-5, atol 1e-6 (collectives sum partial products in another
 order than one matmul, so results agree to round-off, not bit for bit).
 """
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -229,3 +230,24 @@ def _comm_worker(rank):
 
 def test_collectives_are_adjoint_pairs():
     assert all(run_distributed(_comm_worker, 4, parallel=(4, 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cross_entropy_half_logits_with_padded_columns(dtype):
+    """bf16/fp16 logits (the GPU case) take the in-place masking of the padded columns on the fp32
+    copy: losses and gradient equal F.cross_entropy on the real columns, and the input is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, padded = 37, 48
+    logits = (torch.randn(5, 3, padded, generator=gen) * 4).to(dtype).requires_grad_(True)
+    before = logits.detach().clone()
+    labels = torch.randint(0, vocab, (5, 3), generator=gen)
+    losses = vocab_parallel_cross_entropy(logits, labels, vocab_size=vocab)
+    ref_logits = logits.detach().float()[..., :vocab].requires_grad_(True)
+    ref = F.cross_entropy(ref_logits.reshape(-1, vocab), labels.reshape(-1), reduction="none").view(5, 3)
+    torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(5, 3, generator=gen)
+    losses.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(logits.detach(), before)
+    torch.testing.assert_close(logits.grad[..., :vocab].float(), ref_logits.grad, rtol=1e-2, atol=1e-3)
+    assert (logits.grad[..., vocab:] == 0).all()

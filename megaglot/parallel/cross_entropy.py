@@ -30,13 +30,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rank = 0 if group is None else dist.get_rank(group)
         per_partition = logits.shape[-1]
         vocab_start = rank * per_partition
+        own_copy = logits.dtype != torch.float32  # .float() of bf16/fp16 logits is a new tensor
         logits = logits.float()
 
         # Padded columns are not part of the vocabulary: they must get exactly zero probability.
+        # Whether this rank holds any is known on the host (no device sync); on our own fp32 copy
+        # they are overwritten in place instead of copying the logits once more.
         column_ids = torch.arange(vocab_start, vocab_start + per_partition, device=logits.device)
         padded_columns = column_ids >= vocab_size
-        if padded_columns.any():
-            logits = logits.masked_fill(padded_columns, float("-inf"))
+        if vocab_start + per_partition > vocab_size:
+            first_padded = max(vocab_size - vocab_start, 0)
+            if own_copy:
+                logits[..., first_padded:] = float("-inf")
+            else:
+                logits = logits.masked_fill(padded_columns, float("-inf"))
 
         logits_max = logits.max(dim=-1).values
         _all_reduce(logits_max, dist.ReduceOp.MAX, group)
