@@ -19,6 +19,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 CU_SOURCES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+# Torch-free GPU benchmark harnesses that include the kernels (benchmarks/cuda): they must keep building too.
+CU_SOURCES += sorted(glob.glob(os.path.join(ROOT, "benchmarks", "cuda", "*.cu")))
 GLUE_SOURCES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))) + [
     os.path.join(CSRC, "softmax.cpp"), os.path.join(CSRC, "rotary.cpp")]
 
