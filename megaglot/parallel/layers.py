@@ -113,7 +113,7 @@ class LinearIntoMainGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_in = grad_out.matmul(weight)  # [..., in]
+        grad_in = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None  # [..., in]
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [tokens, out]
         x2d = x.reshape(-1, x.shape[-1])  # [tokens, in]
         main_grad = weight.main_grad
@@ -122,7 +122,7 @@ class LinearIntoMainGrad(torch.autograd.Function):
         else:
             torch.addmm(main_grad, g2d.t(), x2d, out_dtype=main_grad.dtype, out=main_grad)
         weight.grad_added_to_main_grad = True
-        grad_bias = g2d.sum(dim=0) if ctx.has_bias else None
+        grad_bias = g2d.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_in, torch.empty_like(weight), grad_bias
 
 
