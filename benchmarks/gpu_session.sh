@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh kernels          # CUDA tests + bench_kernels.py
 #   bash benchmarks/gpu_session.sh train [args...]  # bench_train.py with args
 #   bash benchmarks/gpu_session.sh build            # only build megaglot._C (REBUILD=1 forces it)
+#   bash benchmarks/gpu_session.sh all              # CUDA tests, bench_kernels, the bench_train runs of RESULTS.md
 set -uo pipefail
 OUT=${OUT:-/tmp/megaglot-gpu}
 mkdir -p "$OUT"
@@ -40,6 +41,12 @@ case "$stage" in
     ;;
   train)
     $PY benchmarks/bench_train.py "$@" 2>&1 | tee "$OUT/bench_train.log"
+    ;;
+  all)  # everything RESULTS.md records, in one call (about 6 minutes on an H100)
+    $PY -m pytest -q -p no:cacheprovider --maxfail=30 tests/test_kernels_cuda.py tests/test_model_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -5
+    $PY benchmarks/bench_kernels.py --repeat 30 2>&1 | tee "$OUT/bench_kernels.md"
+    $PY benchmarks/bench_train.py --micro-batch-size 8,12 --compare hf --iters 8 --warmup 4 2>&1 | tee "$OUT/bench_train_sweep.log"
+    $PY benchmarks/bench_train.py --micro-batch-size 12 --global-batch-size 48 --iters 4 --warmup 2 2>&1 | tee "$OUT/bench_train_gbs48.log"
     ;;
   build) ;;  # only the build (and the import check above)
   *) echo "unknown stage $stage"; exit 2 ;;
