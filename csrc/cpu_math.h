@@ -162,6 +162,29 @@ MG_INLINE void float16_to_half(uint16_t* p, f32x16 f) {
   store_narrowed(p, sign | h);
 }
 
+// exp_nonpositive above, sixteen at a time (the same operations in the same order, so the same
+// results): written on vector types because GCC's vectorization of the scalar form was not assured.
+MG_INLINE f32x16 exp16_nonpositive(f32x16 x) {
+  const f32x16 lo = f32x16{} - 87.0f;
+  const f32x16 xc = x < lo ? lo : x;
+  const float magic = 12582912.0f;
+  const f32x16 t = xc * 1.44269504088896341f + magic;
+  const f32x16 n = t - magic;
+  const i32x16 ni = (i32x16)((u32x16)t - float_to_bits(magic));
+  f32x16 r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  f32x16 p = f32x16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const f32x16 pow2n = (f32x16)((u32x16)(ni + 127) << 23);
+  const f32x16 result = p * pow2n;
+  return x < lo ? f32x16{} : result;
+}
+
 // float_to_bf16 below, sixteen at a time: the bf16 bit patterns in 32-bit lanes, then stored.
 MG_INLINE u32x16 float16_to_bf16_bits(f32x16 f) {
   const u32x16 u = (u32x16)f;

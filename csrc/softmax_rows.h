@@ -86,8 +86,26 @@ MG_INLINE A load_scaled_max(const typename C::storage* x, const uint8_t* mask, A
 // buf[j] = exp(buf[j] - m); returns the sum.
 template <typename A>
 MG_INLINE A exp_and_sum(A* v, int64_t n, A m) {
-  A lanes[kLanes] = {};
   int64_t j = 0;
+#ifdef MG_HAVE_VECTOR_EXT
+  if constexpr (std::is_same<A, float>::value) {
+    cpu::f32x16 acc{};
+    for (; j + 16 <= n; j += 16) {
+      const cpu::f32x16 e = cpu::exp16_nonpositive(cpu::load_f32x16(v + j) - m);
+      cpu::store_f32x16(v + j, e);
+      acc += e;
+    }
+    A s = 0;
+    for (; j < n; ++j) {
+      const A e = cpu::exp_nonpositive(v[j] - m);
+      v[j] = e;
+      s += e;
+    }
+    for (int l = 0; l < 16; ++l) s += acc[l];
+    return s;
+  }
+#endif
+  A lanes[kLanes] = {};
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l) {
       const A e = cpu::exp_nonpositive(v[j + l] - m);
