@@ -135,8 +135,11 @@ namespace megaglot {
 
 bool v4_softmax_supported() {
   // MEGAGLOT_CPU_PORTABLE=1 keeps the cloned portable kernels (the tests run both paths).
-  static const bool supported = __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("f16c") &&
-                                std::getenv("MEGAGLOT_CPU_PORTABLE") == nullptr;
+  static const bool supported = [] {
+    const char* portable = std::getenv("MEGAGLOT_CPU_PORTABLE");
+    const bool forced = portable != nullptr && portable[0] != '\0' && std::strcmp(portable, "0") != 0;
+    return !forced && __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("f16c");
+  }();
   return supported;
 }
 

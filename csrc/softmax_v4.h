@@ -4,8 +4,8 @@
 
 #include <cstdint>
 
-// The same condition as MG_CLONES in cpu_math.h: GCC on x86-64 Linux.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+// GCC 12 or newer on x86-64 Linux: it knows arch=x86-64-v4 as a target and in __builtin_cpu_supports.
+#if defined(__GNUC__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 #define MG_V4_PATH 1
 #else
 #define MG_V4_PATH 0
