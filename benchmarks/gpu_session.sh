@@ -34,16 +34,21 @@ else
 fi
 $PY -c "from megaglot.kernels import available; a = available(); print(a); assert a['cuda'], 'no CUDA build'" || exit 1
 
+cuda_tests() {
+  $PY -m pytest -q -p no:cacheprovider --maxfail=30 tests/test_kernels_cuda.py tests/test_model_cuda.py 2>&1 \
+    | tee "$OUT/test_cuda.log" | tail -40
+}
+
 case "$stage" in
   kernels)
-    $PY -m pytest -q -p no:cacheprovider --maxfail=30 tests/test_kernels_cuda.py tests/test_model_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -40
+    cuda_tests
     $PY benchmarks/bench_kernels.py --repeat 50 "$@" 2>&1 | tee "$OUT/bench_kernels.md"
     ;;
   train)
     $PY benchmarks/bench_train.py "$@" 2>&1 | tee "$OUT/bench_train.log"
     ;;
   all)  # everything RESULTS.md records, in one call (about 6 minutes on an H100)
-    $PY -m pytest -q -p no:cacheprovider --maxfail=30 tests/test_kernels_cuda.py tests/test_model_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -5
+    cuda_tests
     $PY benchmarks/bench_kernels.py --repeat 30 2>&1 | tee "$OUT/bench_kernels.md"
     $PY benchmarks/bench_train.py --micro-batch-size 8,12 --compare hf --iters 8 --warmup 4 2>&1 | tee "$OUT/bench_train_sweep.log"
     $PY benchmarks/bench_train.py --micro-batch-size 12 --global-batch-size 48 --iters 4 --warmup 2 2>&1 | tee "$OUT/bench_train_gbs48.log"

@@ -74,23 +74,30 @@ MG_INLINE uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the row max); 0 below -87 and for -inf.
-// Cephes' polynomial on a Cody-Waite reduced argument: ~1 ulp, vectorizes to a dozen FMAs.
-MG_INLINE float exp_nonpositive(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const float t = xc * 1.44269504088896341f + magic;
-  const float n = t - magic;
-  const int32_t ni = static_cast<int32_t>(float_to_bits(t) - float_to_bits(magic));
-  float r = xc - n * 0.693359375f;
+// Cephes' exp polynomial on the Cody-Waite reduced argument r = xc - n ln2, for a float or a
+// vector of floats (exp_nonpositive and exp16_nonpositive share it, so they round alike).
+template <typename F>
+MG_INLINE F exp_reduced_poly(F xc, F n) {
+  F r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+  F p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+constexpr float kExpRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+
+// exp(x) for x <= 0 (softmax after subtracting the row max); 0 below -87 and for -inf.
+// ~1 ulp, vectorizes to a dozen FMAs.
+MG_INLINE float exp_nonpositive(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float t = xc * 1.44269504088896341f + kExpRoundMagic;
+  const float n = t - kExpRoundMagic;
+  const int32_t ni = static_cast<int32_t>(float_to_bits(t) - float_to_bits(kExpRoundMagic));
+  const float p = exp_reduced_poly(xc, n);
   const float pow2n = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
   const float result = p * pow2n;
   return x < -87.0f ? 0.0f : result;
@@ -167,19 +174,10 @@ MG_INLINE void float16_to_half(uint16_t* p, f32x16 f) {
 MG_INLINE f32x16 exp16_nonpositive(f32x16 x) {
   const f32x16 lo = f32x16{} - 87.0f;
   const f32x16 xc = x < lo ? lo : x;
-  const float magic = 12582912.0f;
-  const f32x16 t = xc * 1.44269504088896341f + magic;
-  const f32x16 n = t - magic;
-  const i32x16 ni = (i32x16)((u32x16)t - float_to_bits(magic));
-  f32x16 r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  f32x16 p = f32x16{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const f32x16 t = xc * 1.44269504088896341f + kExpRoundMagic;
+  const f32x16 n = t - kExpRoundMagic;
+  const i32x16 ni = (i32x16)((u32x16)t - float_to_bits(kExpRoundMagic));
+  const f32x16 p = exp_reduced_poly(xc, n);
   const f32x16 pow2n = (f32x16)((u32x16)(ni + 127) << 23);
   const f32x16 result = p * pow2n;
   return x < lo ? f32x16{} : result;

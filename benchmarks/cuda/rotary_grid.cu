@@ -109,11 +109,9 @@ int main() {
       if (d >= rd) {
         want = x;
       } else {
-        const int64_t j = d % (rd / 2);
         const float other = __bfloat162float(hk[idx - d + (d < rd / 2 ? d + rd / 2 : d - rd / 2)]);
         want = d < rd / 2 ? x * hcos[pos * rd + d] - other * hsin[pos * rd + d]
                           : x * hcos[pos * rd + d] + other * hsin[pos * rd + d];
-        (void)j;
       }
       const double err = std::fabs(__bfloat162float(out[idx]) - want);
       if (std::isnan(err) || err > worst) worst = err;  // an unwritten (0xffff = NaN) element shows as nan
