@@ -171,10 +171,63 @@ def test_portable_cpu_kernels_in_a_subprocess():
 
     env = dict(os.environ, MEGAGLOT_CPU_PORTABLE="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__), "-k",
-           "causal_softmax or masked_softmax or plain_softmax or streamed or fully_masked"]
+           "causal_softmax or masked_softmax or plain_softmax or streamed or fully_masked or faithfully or "
+           "upper_triangle or nan_scores"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_softmax_outputs_are_faithfully_rounded(dtype):
+    """16-bit outputs come from a shorter exp polynomial (cpu_math.h): every stored probability is the
+    correctly rounded float64 softmax or its neighbour, and the neighbour is rare."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 4, 128, 1024, generator=gen) * 4).to(dtype)
+    probs = scaled_softmax(x, 0.37)
+    want = ref_softmax(x, None, 0.37).to(dtype)
+    ulps = (probs.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+    assert ulps.max() <= 1
+    assert (ulps != 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("s", [40, 64, 1024], ids=str)
+def test_causal_softmax_never_uses_the_upper_triangle(dtype, s):
+    """The kernels round each causal row up to whole 16-lane vectors and read past the diagonal: what
+    sits there (NaN here, in the scores and in the incoming gradient) must not reach any output."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, s, s, generator=gen).to(dtype)
+    grad = torch.randn(2, s, s, generator=gen).to(dtype)
+    upper = causal_mask(s)
+    poisoned_x = x.masked_fill(upper, float("nan")).requires_grad_(True)
+    poisoned_g = grad.masked_fill(upper, float("nan"))
+    clean_x = x.clone().requires_grad_(True)
+    probs = scaled_upper_triang_masked_softmax(poisoned_x, 0.5)
+    (dx,) = torch.autograd.grad(probs, poisoned_x, poisoned_g)
+    clean_probs = scaled_upper_triang_masked_softmax(clean_x, 0.5)
+    (clean_dx,) = torch.autograd.grad(clean_probs, clean_x, grad)
+    assert torch.equal(probs, clean_probs) and torch.equal(dx, clean_dx)
+    assert (probs[:, upper] == 0).all() and (dx[:, upper] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_scores_give_nan_rows(dtype):
+    """As torch.softmax: a NaN score makes its row NaN (never a row of plausible numbers; a causal row's
+    masked columns stay 0), and leaves the other rows alone."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 2, 3, 50, generator=gen).to(dtype)
+    x[0, 1, 2, 17] = float("nan")
+    probs = scaled_softmax(x, 0.5)
+    assert probs[0, 1, 2].isnan().all()
+    probs[0, 1, 2] = 0
+    assert not probs.isnan().any()
+    causal_x = torch.randn(2, 40, 40, generator=gen).to(dtype)
+    causal_x[1, 30, 7] = float("nan")  # below the diagonal: a score the row uses
+    causal = scaled_upper_triang_masked_softmax(causal_x, 0.5)
+    assert causal[1, 30, :31].isnan().all() and (causal[1, 30, 31:] == 0).all()
+    causal[1, 30, :31] = 0
+    assert not causal.isnan().any()
 
 
 def test_softmax_large_scores_and_threads():
