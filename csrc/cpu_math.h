@@ -1,10 +1,11 @@
-// Branch-free scalar helpers that GCC/Clang auto-vectorize inside the CPU kernels' inner loops.
+// Branch-free scalar and vector helpers for the CPU kernels: element codecs, exp, half/bf16 conversions.
 //
-// Why not c10::Half / std::exp: the extension is compiled for the baseline ISA (no -mavx2), so the
-// kernels are built as function clones for x86-64-v4 / v3 / baseline (MG_CLONES, picked at load time
-// by the dynamic loader); inside those clones only straight-line code without library calls turns
-// into SIMD. std::exp is a libm call per element and c10's conversions are not guaranteed inlinable,
-// so both are written here as select-only bit manipulation.
+// Why not c10::Half / std::exp: the extension is compiled for the baseline ISA (no -mavx2). The rotary
+// kernel is built as function clones for x86-64-v4 / v3 / baseline (MG_CLONES, picked at load time by
+// the dynamic loader), the softmax rows once per ISA level in their own translation units
+// (softmax_x86.h); in both only straight-line code without library calls turns into SIMD. std::exp is
+// a libm call per element and c10's conversions are not guaranteed inlinable, so both are written
+// here as select-only bit manipulation. Torch-free, so the ISA translation units include nothing else.
 #pragma once
 
 #include <cmath>
@@ -99,7 +100,7 @@ constexpr int kExpDegreeF32 = 6;
 constexpr int kExpDegree16 = 4;
 
 // exp(xc) = p(r) * 2^n with r = xc - n ln2 in [-ln2/2, ln2/2]: returns p(r). Shared by the portable
-// exp below and the AVX-512 one in softmax_v4.cpp, so both give the same bits wherever both are normal.
+// exp below and the AVX-512 one in softmax_x86.h, so both give the same bits wherever both are normal.
 // The minimax coefficients (relative error, p(0) = 1) were fitted for this file on [-ln2/2, ln2/2].
 template <int Degree, typename F>
 MG_INLINE F exp_reduced(F xc, F n) {
@@ -151,150 +152,200 @@ MG_INLINE double exp_nonpositive(double x) {
   return std::exp(x);
 }
 
-// Sixteen floats as one GCC/Clang vector value. GCC turns `a > b ? a : b` over plain floats into a
-// SIMD max only under -ffinite-math-only, which the masks' -inf rules out; on vector types the
-// compare and select are explicit, and each target clone lowers them to its own widths (one zmm on
-// x86-64-v4, two ymm on v3, four xmm on the baseline).
+// W floats as one GCC/Clang vector value, W the target's native width: 16 (one zmm) where the
+// rows are compiled for AVX-512, 8 (one ymm) for AVX2, 4 (one xmm, or a NEON register) for the
+// baseline. Wider than the target is not free: GCC lowered 16-float vectors on AVX2 through the
+// stack, and that build ran the softmax 13x slower than the AVX-512 one. GCC turns `a > b ? a : b`
+// over plain floats into a SIMD max only under -ffinite-math-only, which the masks' -inf rules out;
+// on vector types the compare and select are explicit.
 #if defined(__GNUC__)
 #define MG_HAVE_VECTOR_EXT 1
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
 
-MG_INLINE f32x16 load_f32x16(const float* p) {
-  f32x16 v;
+template <int W>
+struct Lanes;
+#define MG_DEFINE_LANES(W)                                                  \
+  template <>                                                               \
+  struct Lanes<W> {                                                         \
+    typedef float f32 __attribute__((vector_size(4 * W)));                  \
+    typedef int32_t i32 __attribute__((vector_size(4 * W)));                \
+    typedef uint32_t u32 __attribute__((vector_size(4 * W)));               \
+    typedef uint16_t u16 __attribute__((vector_size(2 * W)));               \
+    typedef uint8_t u8 __attribute__((vector_size(W)));                     \
+  };
+MG_DEFINE_LANES(4)
+MG_DEFINE_LANES(8)
+MG_DEFINE_LANES(16)
+#undef MG_DEFINE_LANES
+
+template <int W>
+using f32v = typename Lanes<W>::f32;
+template <int W>
+using i32v = typename Lanes<W>::i32;
+template <int W>
+using u32v = typename Lanes<W>::u32;
+
+template <int W>
+MG_INLINE f32v<W> load_f32(const float* p) {
+  f32v<W> v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-MG_INLINE void store_f32x16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
-
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
-MG_INLINE u32x16 load_u16x16_widened(const uint16_t* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, u32x16);
+template <int W>
+MG_INLINE void store_f32(float* p, f32v<W> v) {
+  std::memcpy(p, &v, sizeof v);
 }
 
-MG_INLINE f32x16 bf16x16_to_float(const uint16_t* p) { return (f32x16)(load_u16x16_widened(p) << 16); }
+template <int W>
+MG_INLINE u32v<W> load_u16_widened(const uint16_t* p) {
+  typename Lanes<W>::u16 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, u32v<W>);
+}
 
-MG_INLINE u16x16 narrow_u16x16(u32x16 bits) { return __builtin_convertvector(bits, u16x16); }
-
-MG_INLINE void store_narrowed(uint16_t* p, u32x16 bits) {
-  const u16x16 h = narrow_u16x16(bits);
+template <int W>
+MG_INLINE void store_narrowed(uint16_t* p, u32v<W> bits) {
+  const auto h = __builtin_convertvector(bits, typename Lanes<W>::u16);
   std::memcpy(p, &h, sizeof h);
 }
 
-MG_INLINE u32x16 splat_u32(uint32_t v) { return u32x16{} + v; }
-
-// half_to_float below, sixteen at a time.
-MG_INLINE f32x16 half16_to_float(const uint16_t* p) {
-  const u32x16 w = load_u16x16_widened(p) << 16;
-  const u32x16 sign = w & 0x80000000u;
-  const u32x16 two_w = w + w;
-  const f32x16 normalized = (f32x16)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const f32x16 denormalized = (f32x16)((two_w >> 17) | (126u << 23)) - 0.5f;
-  const u32x16 magnitude = two_w < (1u << 27) ? (u32x16)denormalized : (u32x16)normalized;
-  return (f32x16)(sign | magnitude);
+template <int W>
+MG_INLINE f32v<W> bf16v_to_float(const uint16_t* p) {
+  return (f32v<W>)(load_u16_widened<W>(p) << 16);
 }
 
-// float_to_half below, sixteen at a time (same integer steps, same rounding).
-MG_INLINE void float16_to_half(uint16_t* p, f32x16 f) {
-  const u32x16 u = (u32x16)f;
-  const u32x16 sign = (u >> 16) & 0x8000u;
-  const u32x16 a = u & 0x7FFFFFFFu;
-  const u32x16 sub = (u32x16)((f32x16)a + 0.5f) - 0x3F000000u;
-  const u32x16 r = a - 0x38000000u;
-  const u32x16 norm = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
-  u32x16 h = a < 0x38800000u ? sub : norm;
-  h = a >= 0x47800000u ? splat_u32(0x7C00u) : h;
-  h = a > 0x7F800000u ? splat_u32(0x7E00u) : h;
-  store_narrowed(p, sign | h);
+// half_to_float below, W at a time.
+template <int W>
+MG_INLINE f32v<W> halfv_to_float(const uint16_t* p) {
+  using U = u32v<W>;
+  using F = f32v<W>;
+  const U w = load_u16_widened<W>(p) << 16;
+  const U sign = w & 0x80000000u;
+  const U two_w = w + w;
+  const F normalized = (F)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const F denormalized = (F)((two_w >> 17) | (126u << 23)) - 0.5f;
+  const U magnitude = two_w < (1u << 27) ? (U)denormalized : (U)normalized;
+  return (F)(sign | magnitude);
 }
 
-template <>
-struct Bits<f32x16> {
-  using U = u32x16;
-  static MG_INLINE U of(f32x16 v) { return (U)v; }
-  static MG_INLINE f32x16 from(U u) { return (f32x16)u; }
-};
-
-// exp_nonpositive above, sixteen at a time: the same template, so scalar tails and vector bodies round alike.
-template <int Degree>
-MG_INLINE f32x16 exp16_nonpositive(f32x16 x) {
-  return exp_poly<Degree>(x);
+// float_to_half below, W at a time (same integer steps, same rounding).
+template <int W>
+MG_INLINE void floatv_to_half(uint16_t* p, f32v<W> f) {
+  using U = u32v<W>;
+  const U u = (U)f;
+  const U sign = (u >> 16) & 0x8000u;
+  const U a = u & 0x7FFFFFFFu;
+  const U sub = (U)((f32v<W>)a + 0.5f) - 0x3F000000u;
+  const U r = a - 0x38000000u;
+  const U norm = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
+  U h = a < 0x38800000u ? sub : norm;
+  h = a >= 0x47800000u ? U{} + 0x7C00u : h;
+  h = a > 0x7F800000u ? U{} + 0x7E00u : h;
+  store_narrowed<W>(p, sign | h);
 }
 
-// float_to_bf16 below, sixteen at a time: the bf16 bit patterns in 32-bit lanes, then stored.
-MG_INLINE u32x16 float16_to_bf16_bits(f32x16 f) {
-  const u32x16 u = (u32x16)f;
-  const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7FFFFFFFu) > 0x7F800000u ? splat_u32(0x7FC0u) : rounded;
+// float_to_bf16 below, W at a time: the bf16 bit patterns in 32-bit lanes.
+template <int W>
+MG_INLINE u32v<W> floatv_to_bf16_bits(f32v<W> f) {
+  using U = u32v<W>;
+  const U u = (U)f;
+  const U rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? U{} + 0x7FC0u : rounded;
 }
 
-MG_INLINE void float16_to_bf16(uint16_t* p, f32x16 f) { store_narrowed(p, float16_to_bf16_bits(f)); }
+#define MG_DEFINE_BITS(W)                                         \
+  template <>                                                     \
+  struct Bits<f32v<W>> {                                          \
+    using U = u32v<W>;                                            \
+    static MG_INLINE U of(f32v<W> v) { return (U)v; }             \
+    static MG_INLINE f32v<W> from(U u) { return (f32v<W>)u; }     \
+  };
+MG_DEFINE_BITS(4)
+MG_DEFINE_BITS(8)
+MG_DEFINE_BITS(16)
+#undef MG_DEFINE_BITS
 
 // Lanes at or past `count` (all ones there): the unused end of a row's last, partial vector.
-MG_INLINE i32x16 lanes_from(int64_t count) {
-  const i32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+template <int W>
+MG_INLINE i32v<W> lanes_from(int64_t count) {
+  i32v<W> iota;
+  for (int l = 0; l < W; ++l) iota[l] = l;  // folded to a constant
   return iota >= static_cast<int32_t>(count);
 }
 
-// 16 mask bytes -> lanes that are all ones where the byte is nonzero.
-MG_INLINE i32x16 mask_lanes(const uint8_t* p) {
-  u8x16 m;
+// W mask bytes -> lanes that are all ones where the byte is nonzero.
+template <int W>
+MG_INLINE i32v<W> mask_lanes(const uint8_t* p) {
+  typename Lanes<W>::u8 m;
   std::memcpy(&m, p, sizeof m);
   // Compare as bytes, then sign-extend the 0 / -1 lanes: one vpmovsxbd (a direct byte -> int
-  // conversion of the data is split into sixteen scalar extracts by GCC 12).
-  return __builtin_convertvector(m != 0, i32x16);
+  // conversion of the data is split into scalar extracts by GCC 12).
+  return __builtin_convertvector(m != 0, i32v<W>);
 }
 #endif
 
 // Element codecs: a tensor's storage type, its accumulation type, the exact conversions between them
-// and the exp accuracy its outputs need.
+// and the exp accuracy its outputs need; with the vector extension, the same W lanes at a time
+// (loadv, storev, expv; `vec` is their vector type). The scalar members serve any W.
+#ifdef MG_HAVE_VECTOR_EXT
+#define MG_CODEC_VECTOR_MEMBERS(W)                                                      \
+  static constexpr int lanes = W;                                                       \
+  using vec = f32v<W>;                                                                  \
+  static MG_INLINE vec expv(vec x) { return exp_poly<exp_degree>(x); }
+#else
+#define MG_CODEC_VECTOR_MEMBERS(W) static constexpr int lanes = 1;
+#endif
+
+// The baseline's native width (SSE2 on x86-64, NEON on aarch64).
+constexpr int kPortableLanes = 4;
+
+template <int W>
 struct F32 {
   using storage = float;
   using acc = float;
   static constexpr int exp_degree = kExpDegreeF32;
   static MG_INLINE float load(float v) { return v; }
   static MG_INLINE float store(float v) { return v; }
+  MG_CODEC_VECTOR_MEMBERS(W)
 #ifdef MG_HAVE_VECTOR_EXT
-  static MG_INLINE f32x16 load16(const float* p) { return load_f32x16(p); }
-  static MG_INLINE void store16(float* p, f32x16 v) { store_f32x16(p, v); }
-  static MG_INLINE f32x16 exp16(f32x16 x) { return exp16_nonpositive<exp_degree>(x); }
+  static MG_INLINE vec loadv(const float* p) { return load_f32<W>(p); }
+  static MG_INLINE void storev(float* p, vec v) { store_f32<W>(p, v); }
 #endif
 };
+template <int W>
 struct F16 {
   using storage = uint16_t;
   using acc = float;
   static constexpr int exp_degree = kExpDegree16;
   static MG_INLINE float load(uint16_t v) { return half_to_float(v); }
   static MG_INLINE uint16_t store(float v) { return float_to_half(v); }
+  MG_CODEC_VECTOR_MEMBERS(W)
 #ifdef MG_HAVE_VECTOR_EXT
-  static MG_INLINE f32x16 load16(const uint16_t* p) { return half16_to_float(p); }
-  static MG_INLINE void store16(uint16_t* p, f32x16 v) { float16_to_half(p, v); }
-  static MG_INLINE f32x16 exp16(f32x16 x) { return exp16_nonpositive<exp_degree>(x); }
+  static MG_INLINE vec loadv(const uint16_t* p) { return halfv_to_float<W>(p); }
+  static MG_INLINE void storev(uint16_t* p, vec v) { floatv_to_half<W>(p, v); }
 #endif
 };
+template <int W>
 struct BF16 {
   using storage = uint16_t;
   using acc = float;
   static constexpr int exp_degree = kExpDegree16;
   static MG_INLINE float load(uint16_t v) { return bf16_to_float(v); }
   static MG_INLINE uint16_t store(float v) { return float_to_bf16(v); }
+  MG_CODEC_VECTOR_MEMBERS(W)
 #ifdef MG_HAVE_VECTOR_EXT
-  static MG_INLINE f32x16 load16(const uint16_t* p) { return bf16x16_to_float(p); }
-  static MG_INLINE void store16(uint16_t* p, f32x16 v) { float16_to_bf16(p, v); }
-  static MG_INLINE f32x16 exp16(f32x16 x) { return exp16_nonpositive<exp_degree>(x); }
+  static MG_INLINE vec loadv(const uint16_t* p) { return bf16v_to_float<W>(p); }
+  static MG_INLINE void storev(uint16_t* p, vec v) { store_narrowed<W>(p, floatv_to_bf16_bits<W>(v)); }
 #endif
 };
+#undef MG_CODEC_VECTOR_MEMBERS
 
+// float64 exists only so that torch.autograd.gradcheck can check the kernels' gradients: scalar only.
 struct F64 {
   using storage = double;
   using acc = double;
   static constexpr int exp_degree = kExpDegreeF32;  // unused: float64 calls std::exp
+  static constexpr int lanes = 1;
   static MG_INLINE double load(double v) { return v; }
   static MG_INLINE double store(double v) { return v; }
 };

@@ -62,9 +62,9 @@ MG_INLINE void rotate_rows(const typename C::storage* x, typename C::storage* y,
     else                                                                                                    \
       rotate_rows<CODEC, false>(x, y, cos, sin, begin, end, lay);                                           \
   }
-MG_ROTARY_ENTRY(f32, cpu::F32)
-MG_ROTARY_ENTRY(f16, cpu::F16)
-MG_ROTARY_ENTRY(bf16, cpu::BF16)
+MG_ROTARY_ENTRY(f32, cpu::F32<cpu::kPortableLanes>)
+MG_ROTARY_ENTRY(f16, cpu::F16<cpu::kPortableLanes>)
+MG_ROTARY_ENTRY(bf16, cpu::BF16<cpu::kPortableLanes>)
 MG_ROTARY_ENTRY(f64, cpu::F64)
 #undef MG_ROTARY_ENTRY
 

@@ -10,13 +10,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "cpu_math.h"
 #include "softmax.h"
-#include "softmax_v4.h"
+#include "softmax_kernels.h"
 #include "softmax_rows.h"
 
 #ifdef MEGAGLOT_WITH_CUDA
@@ -26,30 +28,68 @@
 namespace megaglot {
 namespace {
 
-// One non-template entry per storage type, each cloned per ISA level (see cpu_math.h).
-#define MG_SOFTMAX_ENTRIES(NAME, CODEC)                                                                  \
-  MG_CLONES void forward_##NAME(const CODEC::storage* x, const uint8_t* mask, CODEC::storage* y,          \
-                                int64_t begin, int64_t end, const RowLayout& lay, int mode,               \
-                                CODEC::acc scale, CODEC::acc* buf) {                                      \
-    forward_rows<CODEC>(x, mask, y, begin, end, lay, mode, scale, buf);                                   \
-  }                                                                                                       \
-  MG_CLONES void backward_##NAME(const CODEC::storage* g, const CODEC::storage* y, CODEC::storage* dx,    \
-                                 int64_t begin, int64_t end, int64_t sq, int64_t sk, bool causal,         \
-                                 CODEC::acc scale) {                                                      \
-    backward_rows<CODEC>(g, y, dx, begin, end, sq, sk, causal, scale);                                    \
-  }
-MG_SOFTMAX_ENTRIES(f32, cpu::F32)
-MG_SOFTMAX_ENTRIES(f16, cpu::F16)
-MG_SOFTMAX_ENTRIES(bf16, cpu::BF16)
-MG_SOFTMAX_ENTRIES(f64, cpu::F64)
-#undef MG_SOFTMAX_ENTRIES
+// The portable rows: the baseline ISA at 4-float vectors (SSE2 on x86-64, NEON on aarch64), what a
+// CPU below AVX2 (or a build without the x86 paths) runs; `stream` is ignored.
+using cpu::kPortableLanes;
 
-// Outputs at least this large are written with streaming stores on x86-64-v4: they cannot stay in
-// the caches anyway, and a streamed line is not read from memory before it is overwritten.
+template <typename C>
+void portable_forward(const typename C::storage* x, const uint8_t* mask, typename C::storage* y, int64_t begin,
+                      int64_t end, const RowLayout& lay, int mode, float scale, float* buf, bool /*stream*/) {
+  forward_rows<C>(x, mask, y, begin, end, lay, mode, scale, buf);
+}
+
+template <typename C>
+void portable_backward(const typename C::storage* g, const typename C::storage* y, typename C::storage* dx,
+                       int64_t begin, int64_t end, int64_t sq, int64_t sk, bool causal, float scale,
+                       bool /*stream*/) {
+  backward_rows<C>(g, y, dx, begin, end, sq, sk, causal, scale);
+}
+
+const SoftmaxCpuKernels kPortableKernels = {
+    "baseline",
+    false,
+    &portable_forward<cpu::F32<kPortableLanes>>,
+    &portable_forward<cpu::F16<kPortableLanes>>,
+    &portable_forward<cpu::BF16<kPortableLanes>>,
+    &portable_backward<cpu::F32<kPortableLanes>>,
+    &portable_backward<cpu::F16<kPortableLanes>>,
+    &portable_backward<cpu::BF16<kPortableLanes>>,
+};
+
+// The best level this CPU runs, capped by MEGAGLOT_CPU_ISA (avx512, avx2 or baseline: the tests run
+// every level this machine has, and a user can rule out a path). Chosen once per process.
+const SoftmaxCpuKernels& cpu_kernels() {
+  static const SoftmaxCpuKernels* chosen = [] {
+    const char* cap = std::getenv("MEGAGLOT_CPU_ISA");
+    const std::string want = cap == nullptr ? "" : cap;
+    TORCH_CHECK(want.empty() || want == "avx512" || want == "avx2" || want == "baseline",
+                "MEGAGLOT_CPU_ISA must be avx512, avx2 or baseline (or unset), got '", want, "'");
+    const SoftmaxCpuKernels* avx512 = avx512_softmax_kernels();
+    const SoftmaxCpuKernels* avx2 = avx2_softmax_kernels();
+    if (avx512 != nullptr && (want.empty() || want == "avx512")) return avx512;
+    if (avx2 != nullptr && (want.empty() || want == "avx512" || want == "avx2")) return avx2;
+    return &kPortableKernels;
+  }();
+  return *chosen;
+}
+
+void forward_f64(const double* x, const uint8_t* mask, double* y, int64_t begin, int64_t end, const RowLayout& lay,
+                 int mode, double scale, double* buf) {
+  forward_rows<cpu::F64>(x, mask, y, begin, end, lay, mode, scale, buf);
+}
+
+void backward_f64(const double* g, const double* y, double* dx, int64_t begin, int64_t end, int64_t sq, int64_t sk,
+                  bool causal, double scale) {
+  backward_rows<cpu::F64>(g, y, dx, begin, end, sq, sk, causal, scale);
+}
+
+// Outputs at least this large are written with streaming stores where the level has them: they
+// cannot stay in the caches anyway, and a streamed line is not read from memory before it is
+// overwritten. Every row then starts aligned to a whole vector (16 elements from a 64-byte base).
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
-bool stream_output(const at::Tensor& out, int64_t sk) {
-  return out.nbytes() >= static_cast<size_t>(kStreamBytes) && sk % 16 == 0 &&
+bool stream_output(const SoftmaxCpuKernels& k, const at::Tensor& out, int64_t sk) {
+  return k.streams && out.nbytes() >= static_cast<size_t>(kStreamBytes) && sk % 16 == 0 &&
          reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0;
 }
 
@@ -74,8 +114,8 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const at::Tensor* mask_in, const 
   const uint8_t* mp = mask_in != nullptr ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
   const float s = static_cast<float>(scale);
   const auto st = x.scalar_type();
-  const bool v4 = v4_softmax_supported();
-  const bool stream = v4 && stream_output(y, lay.sk);
+  const SoftmaxCpuKernels& k = cpu_kernels();
+  const bool stream = stream_output(k, y, lay.sk);
   at::parallel_for(0, rows, grain_rows(lay.sk), [&](int64_t begin, int64_t end) {
     if (st == at::kDouble) {
       std::vector<double> buf(lay.sk);
@@ -84,26 +124,11 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const at::Tensor* mask_in, const 
     }
     std::vector<float> buf(lay.sk);
     if (st == at::kFloat) {
-      const float* xp = x.data_ptr<float>();
-      float* yp = y.data_ptr<float>();
-      if (v4)
-        forward_f32_v4(xp, mp, yp, begin, end, lay, mode, s, buf.data(), stream);
-      else
-        forward_f32(xp, mp, yp, begin, end, lay, mode, s, buf.data());
-    } else if (st == at::kHalf) {
-      const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::Half>());
-      auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::Half>());
-      if (v4)
-        forward_f16_v4(xp, mp, yp, begin, end, lay, mode, s, buf.data(), stream);
-      else
-        forward_f16(xp, mp, yp, begin, end, lay, mode, s, buf.data());
+      k.forward_f32(x.data_ptr<float>(), mp, y.data_ptr<float>(), begin, end, lay, mode, s, buf.data(), stream);
     } else {
-      const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-      auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-      if (v4)
-        forward_bf16_v4(xp, mp, yp, begin, end, lay, mode, s, buf.data(), stream);
-      else
-        forward_bf16(xp, mp, yp, begin, end, lay, mode, s, buf.data());
+      const auto* xp = static_cast<const uint16_t*>(x.data_ptr());
+      auto* yp = static_cast<uint16_t*>(y.data_ptr());
+      (st == at::kHalf ? k.forward_f16 : k.forward_bf16)(xp, mp, yp, begin, end, lay, mode, s, buf.data(), stream);
     }
   });
   return y;
@@ -118,31 +143,20 @@ at::Tensor cpu_backward(const at::Tensor& g_in, const at::Tensor& y_in, int64_t 
   if (rows == 0) return dx;
   const float s = static_cast<float>(scale);
   const auto st = y.scalar_type();
-  const bool v4 = v4_softmax_supported();
-  const bool stream = v4 && stream_output(dx, sk);
+  const SoftmaxCpuKernels& k = cpu_kernels();
+  const bool stream = stream_output(k, dx, sk);
   at::parallel_for(0, rows, grain_rows(sk), [&](int64_t begin, int64_t end) {
     if (st == at::kDouble) {
       backward_f64(g.data_ptr<double>(), y.data_ptr<double>(), dx.data_ptr<double>(), begin, end, sq, sk, causal,
                    scale);
     } else if (st == at::kFloat) {
-      if (v4)
-        backward_f32_v4(g.data_ptr<float>(), y.data_ptr<float>(), dx.data_ptr<float>(), begin, end, sq, sk, causal, s,
-                        stream);
-      else
-        backward_f32(g.data_ptr<float>(), y.data_ptr<float>(), dx.data_ptr<float>(), begin, end, sq, sk, causal, s);
+      k.backward_f32(g.data_ptr<float>(), y.data_ptr<float>(), dx.data_ptr<float>(), begin, end, sq, sk, causal, s,
+                     stream);
     } else {
-      const bool half = st == at::kHalf;
       const auto* gp = static_cast<const uint16_t*>(g.data_ptr());
       const auto* yp = static_cast<const uint16_t*>(y.data_ptr());
       auto* dp = static_cast<uint16_t*>(dx.data_ptr());
-      if (v4 && half)
-        backward_f16_v4(gp, yp, dp, begin, end, sq, sk, causal, s, stream);
-      else if (v4)
-        backward_bf16_v4(gp, yp, dp, begin, end, sq, sk, causal, s, stream);
-      else if (half)
-        backward_f16(gp, yp, dp, begin, end, sq, sk, causal, s);
-      else
-        backward_bf16(gp, yp, dp, begin, end, sq, sk, causal, s);
+      (st == at::kHalf ? k.backward_f16 : k.backward_bf16)(gp, yp, dp, begin, end, sq, sk, causal, s, stream);
     }
   });
   return dx;
@@ -239,4 +253,6 @@ void register_softmax(pybind11::module& m) {
   m.def("scaled_softmax_forward", &scaled_softmax_forward, pybind11::arg("x"), pybind11::arg("scale"));
   m.def("scaled_softmax_backward", &scaled_softmax_backward, pybind11::arg("grad"), pybind11::arg("probs"),
         pybind11::arg("scale"));
+  m.def("cpu_softmax_isa", [] { return std::string(cpu_kernels().isa); },
+        "the instruction set the CPU softmax rows run with here: avx512, avx2 or baseline");
 }

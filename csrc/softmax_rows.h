@@ -1,9 +1,11 @@
-// The CPU softmax row kernels, shared by softmax.cpp (built for the baseline ISA and cloned per ISA
-// level) and softmax_v4.cpp (built for x86-64-v4: F16C half conversions, streaming stores).
+// The CPU softmax row kernels, shared by softmax.cpp (the baseline ISA, 4-float vectors) and the
+// translation units of softmax_x86.h (AVX2 with 8-float vectors, AVX-512 with 16; F16C half
+// conversions, streaming stores). The codec C brings the vector width (C::lanes, C::vec).
 //
 // Everything here is a template or always-inline and sits in an unnamed namespace on purpose: each
 // translation unit gets its own copies, compiled for its own target, so the linker can never pick an
 // AVX2 instantiation for the baseline path (inline functions with external linkage would be merged).
+// The vector code runs for codecs with lanes > 1 (float storage or accumulation; float64 is scalar).
 // Include the standard headers and cpu_math.h before this file.
 #pragma once
 
@@ -30,18 +32,17 @@ template <typename A>
 constexpr A neg_inf() { return -std::numeric_limits<A>::infinity(); }
 
 // Where a row's vector passes end: its `valid` prefix (a causal row's columns 0..i) rounded up to whole
-// 16-lane vectors while that stays inside the row. The lanes past `valid` in the last vector are read
+// vectors while that stays inside the row. The lanes past `valid` in the last vector are read
 // but treated as masked, so a row needs no scalar tail and every store is a full vector: scalar
 // exps cost ~20 instructions each, and with streaming stores a regular store into a streamed line
 // stalls. Without the vector path, `valid` itself.
-template <typename A>
+template <typename C>
 MG_INLINE int64_t vector_end(int64_t valid, int64_t sk) {
-#ifdef MG_HAVE_VECTOR_EXT
-  if constexpr (std::is_same<A, float>::value) {
-    const int64_t up = (valid + 15) / 16 * 16;
+  constexpr int W = C::lanes;
+  if constexpr (W > 1) {
+    const int64_t up = (valid + W - 1) / W * W;
     return up <= sk ? up : valid;
   }
-#endif
   return valid;
 }
 
@@ -63,14 +64,16 @@ MG_INLINE void prefetch_prefix(const T* row, int64_t count) {
 #endif
 }
 
-// out[j] = 0 for begin <= j < n, in whole vectors from the first multiple of 16 on.
+// out[j] = 0 for begin <= j < n, in whole vectors from the first multiple of the width on.
 template <typename C, typename A = typename C::acc>
 MG_INLINE void store_zeros(typename C::storage* out, int64_t begin, int64_t n) {
   int64_t j = begin;
 #ifdef MG_HAVE_VECTOR_EXT
-  if constexpr (std::is_same<A, float>::value) {
-    for (; j < n && j % 16 != 0; ++j) out[j] = C::store(A(0));
-    for (; j + 16 <= n; j += 16) C::store16(out + j, cpu::f32x16{});
+  if constexpr (C::lanes > 1) {
+    constexpr int W = C::lanes;
+    using V = typename C::vec;
+    for (; j < n && j % W != 0; ++j) out[j] = C::store(A(0));
+    for (; j + W <= n; j += W) C::storev(out + j, V{});
   }
 #endif
   for (; j < n; ++j) out[j] = C::store(A(0));
@@ -85,26 +88,27 @@ MG_INLINE A load_scaled_max(const typename C::storage* x, const uint8_t* mask, A
   const A kNegInf = neg_inf<A>();
   int64_t j = 0;
 #ifdef MG_HAVE_VECTOR_EXT
-  if constexpr (std::is_same<A, float>::value) {
-    using cpu::f32x16;
-    f32x16 vmax = f32x16{} + kNegInf;
-    for (; j + 16 <= n; j += 16) {
-      f32x16 v = C::load16(x + j) * scale;
-      if (mask != nullptr) v = cpu::mask_lanes(mask + j) ? f32x16{} + kNegInf : v;
-      cpu::store_f32x16(buf + j, v);
+  if constexpr (C::lanes > 1) {
+    constexpr int W = C::lanes;
+    using V = typename C::vec;
+    V vmax = V{} + kNegInf;
+    for (; j + W <= n; j += W) {
+      V v = C::loadv(x + j) * scale;
+      if (mask != nullptr) v = cpu::mask_lanes<W>(mask + j) ? V{} + kNegInf : v;
+      cpu::store_f32<W>(buf + j, v);
       vmax = vmax > v ? vmax : v;
     }
-    if (j < n && j + 16 <= end) {  // the last, partial vector: lanes past n are masked
-      f32x16 v = C::load16(x + j) * scale;
-      cpu::i32x16 dead = cpu::lanes_from(n - j);
-      if (mask != nullptr) dead |= cpu::mask_lanes(mask + j);
-      v = dead ? f32x16{} + kNegInf : v;
-      cpu::store_f32x16(buf + j, v);
+    if (j < n && j + W <= end) {  // the last, partial vector: lanes past n are masked
+      V v = C::loadv(x + j) * scale;
+      cpu::i32v<W> dead = cpu::lanes_from<W>(n - j);
+      if (mask != nullptr) dead |= cpu::mask_lanes<W>(mask + j);
+      v = dead ? V{} + kNegInf : v;
+      cpu::store_f32<W>(buf + j, v);
       vmax = vmax > v ? vmax : v;
-      j += 16;
+      j += W;
     }
     A m = kNegInf;
-    for (int l = 0; l < 16; ++l) m = m > vmax[l] ? m : vmax[l];
+    for (int l = 0; l < W; ++l) m = m > vmax[l] ? m : vmax[l];
     for (; j < n; ++j) {
       const A scaled = C::load(x[j]) * scale;
       const A v = (mask != nullptr && mask[j]) ? kNegInf : scaled;
@@ -142,17 +146,19 @@ MG_INLINE A load_scaled_max(const typename C::storage* x, const uint8_t* mask, A
 }
 
 // buf[j] = exp(buf[j] - m); returns the sum. The codec C picks the exp: its accuracy (exp_degree, the
-// polynomial's degree) and, for 16 lanes, its instructions (exp16).
+// polynomial's degree) and, for whole vectors, its instructions (expv).
 template <typename C, typename A = typename C::acc>
 MG_INLINE A exp_and_sum(A* v, int64_t n, A m) {
   constexpr int Degree = C::exp_degree;
   int64_t j = 0;
 #ifdef MG_HAVE_VECTOR_EXT
-  if constexpr (std::is_same<A, float>::value) {
-    cpu::f32x16 acc{};
-    for (; j + 16 <= n; j += 16) {
-      const cpu::f32x16 e = C::exp16(cpu::load_f32x16(v + j) - m);
-      cpu::store_f32x16(v + j, e);
+  if constexpr (C::lanes > 1) {
+    constexpr int W = C::lanes;
+    using V = typename C::vec;
+    V acc{};
+    for (; j + W <= n; j += W) {
+      const V e = C::expv(cpu::load_f32<W>(v + j) - m);
+      cpu::store_f32<W>(v + j, e);
       acc += e;
     }
     A s = 0;
@@ -161,7 +167,7 @@ MG_INLINE A exp_and_sum(A* v, int64_t n, A m) {
       v[j] = e;
       s += e;
     }
-    for (int l = 0; l < 16; ++l) s += acc[l];
+    for (int l = 0; l < W; ++l) s += acc[l];
     return s;
   }
 #endif
@@ -187,17 +193,19 @@ template <typename C, typename A = typename C::acc>
 MG_INLINE A dot_of(const typename C::storage* a, const typename C::storage* b, int64_t n, int64_t end) {
   int64_t j = 0;
 #ifdef MG_HAVE_VECTOR_EXT
-  if constexpr (std::is_same<A, float>::value) {
-    cpu::f32x16 acc{};
-    for (; j + 16 <= n; j += 16) acc += C::load16(a + j) * C::load16(b + j);
-    if (j < n && j + 16 <= end) {
-      const cpu::f32x16 ab = C::load16(a + j) * C::load16(b + j);
-      acc += cpu::lanes_from(n - j) ? cpu::f32x16{} : ab;
-      j += 16;
+  if constexpr (C::lanes > 1) {
+    constexpr int W = C::lanes;
+    using V = typename C::vec;
+    V acc{};
+    for (; j + W <= n; j += W) acc += C::loadv(a + j) * C::loadv(b + j);
+    if (j < n && j + W <= end) {
+      const V ab = C::loadv(a + j) * C::loadv(b + j);
+      acc += cpu::lanes_from<W>(n - j) ? V{} : ab;
+      j += W;
     }
     A s = 0;
     for (; j < n; ++j) s += C::load(a[j]) * C::load(b[j]);
-    for (int l = 0; l < 16; ++l) s += acc[l];
+    for (int l = 0; l < W; ++l) s += acc[l];
     return s;
   }
 #endif
@@ -217,12 +225,14 @@ template <typename C, typename A = typename C::acc>
 MG_INLINE int64_t store_scaled(const A* buf, A factor, typename C::storage* out, int64_t n, int64_t end) {
   int64_t j = 0;
 #ifdef MG_HAVE_VECTOR_EXT
-  if constexpr (std::is_same<A, float>::value) {
-    for (; j + 16 <= n; j += 16) C::store16(out + j, cpu::load_f32x16(buf + j) * factor);
-    if (j < n && j + 16 <= end) {
-      const cpu::f32x16 v = cpu::load_f32x16(buf + j) * factor;
-      C::store16(out + j, cpu::lanes_from(n - j) ? cpu::f32x16{} : v);
-      j += 16;
+  if constexpr (C::lanes > 1) {
+    constexpr int W = C::lanes;
+    using V = typename C::vec;
+    for (; j + W <= n; j += W) C::storev(out + j, cpu::load_f32<W>(buf + j) * factor);
+    if (j < n && j + W <= end) {
+      const V v = cpu::load_f32<W>(buf + j) * factor;
+      C::storev(out + j, cpu::lanes_from<W>(n - j) ? V{} : v);
+      j += W;
     }
   }
 #endif
@@ -245,7 +255,7 @@ MG_INLINE void forward_rows(const typename C::storage* x, const uint8_t* mask, t
       const int64_t batch = row / (lay.heads * lay.sq);
       mr = mask + ((lay.mask_batched ? batch : 0) * lay.sq + qi) * sk;
     }
-    const int64_t stop = vector_end<A>(valid, sk);
+    const int64_t stop = vector_end<C>(valid, sk);
     if (mode != kNone && row + kPrefetchRowsAhead < end)
       prefetch_prefix(x + (row + kPrefetchRowsAhead) * sk,
                       mode == kCausal ? causal_valid(row + kPrefetchRowsAhead, lay.sq, sk) : sk);
@@ -273,16 +283,18 @@ MG_INLINE void backward_rows(const typename C::storage* g, const typename C::sto
     const auto* gr = g + row * sk;
     const auto* yr = y + row * sk;
     auto* dr = dx + row * sk;
-    const int64_t stop = vector_end<A>(valid, sk);
+    const int64_t stop = vector_end<C>(valid, sk);
     const A dot = dot_of<C>(gr, yr, valid, stop);
     int64_t j = 0;
 #ifdef MG_HAVE_VECTOR_EXT
-    if constexpr (std::is_same<A, float>::value) {
-      for (; j + 16 <= valid; j += 16) C::store16(dr + j, scale * C::load16(yr + j) * (C::load16(gr + j) - dot));
-      if (j < valid && j + 16 <= stop) {  // the last, partial vector: 0 past valid whatever g holds there
-        const cpu::f32x16 d = scale * C::load16(yr + j) * (C::load16(gr + j) - dot);
-        C::store16(dr + j, cpu::lanes_from(valid - j) ? cpu::f32x16{} : d);
-        j += 16;
+    if constexpr (C::lanes > 1) {
+      constexpr int W = C::lanes;
+      using V = typename C::vec;
+      for (; j + W <= valid; j += W) C::storev(dr + j, scale * C::loadv(yr + j) * (C::loadv(gr + j) - dot));
+      if (j < valid && j + W <= stop) {  // the last, partial vector: 0 past valid whatever g holds there
+        const V d = scale * C::loadv(yr + j) * (C::loadv(gr + j) - dot);
+        C::storev(dr + j, cpu::lanes_from<W>(valid - j) ? V{} : d);
+        j += W;
       }
     }
 #endif

@@ -131,6 +131,7 @@ def test_extension_reports_kernels():
                  "fused_rotary_backward", "with_cuda"):
         assert name in info["functions"]
     assert isinstance(info["cuda"], bool)
+    assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -152,7 +153,7 @@ def test_plain_softmax(dtype, shape):
     check_softmax_variant("none", dtype, shape)
 
 
-# Outputs of at least 8 MB with rows a multiple of 16 are written with streaming stores on x86-64-v4.
+# Outputs of at least 8 MB with rows a multiple of 16 are written with streaming stores (AVX2 and AVX-512).
 STREAMED = [("causal", (4, 1024, 1024)), ("masked", (1, 4, 1024, 1024)), ("none", (1, 4, 1024, 1024))]
 
 
@@ -162,20 +163,42 @@ def test_softmax_streamed_outputs(dtype, kind, shape):
     check_softmax_variant(kind, dtype, shape, mask_batch=1)
 
 
-def test_portable_cpu_kernels_in_a_subprocess():
-    """The cloned portable kernels (what a CPU without AVX-512/F16C runs), forced with
-    MEGAGLOT_CPU_PORTABLE=1, pass the same softmax checks as the x86-64-v4 path this machine runs."""
+SOFTMAX_CHECKS = ("causal_softmax or masked_softmax or plain_softmax or streamed or fully_masked or faithfully or "
+                  "upper_triangle or nan_scores")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_lower_cpu_isa_levels_in_a_subprocess(isa):
+    """The softmax rows of a lower ISA level (what a CPU without AVX-512, or without AVX2, runs), forced
+    with MEGAGLOT_CPU_ISA, pass the same checks as the best level this machine runs."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, MEGAGLOT_CPU_PORTABLE="1")
+    env = dict(os.environ, MEGAGLOT_CPU_ISA=isa)
+    probe = subprocess.run([sys.executable, "-c", "import megaglot.kernels as k; print(k.available()['cpu_isa'])"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    ran = probe.stdout.split()[-1]
+    # The cap is honoured; a CPU without AVX2 runs the baseline even when avx2 is asked for.
+    assert ran == isa or (isa == "avx2" and ran == "baseline" and available()["cpu_isa"] == "baseline")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__), "-k",
-           "causal_softmax or masked_softmax or plain_softmax or streamed or fully_masked or faithfully or "
-           "upper_triangle or nan_scores"]
+           SOFTMAX_CHECKS]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_unknown_cpu_isa_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch; from megaglot.kernels import scaled_softmax; scaled_softmax(torch.randn(1, 1, 2, 3), 1.0)"
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MEGAGLOT_CPU_ISA="sse9"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "MEGAGLOT_CPU_ISA must be avx512, avx2 or baseline (or unset), got 'sse9'" in result.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -60,13 +60,16 @@ def _jit_build(cpp_extension) -> ModuleType:
 
 
 def available() -> dict:
-    """What was built: {'extension': bool, 'cuda': bool, 'functions': [...]}."""
+    """What was built and runs here: {'extension': bool, 'cuda': bool, 'functions': [...], 'cpu_isa': str}.
+    cpu_isa is the instruction set of the CPU softmax rows (avx512, avx2 or baseline; None without
+    the extension): the best this CPU runs, capped by MEGAGLOT_CPU_ISA."""
     ext = load_extension()
     if ext is None:
-        return {"extension": False, "cuda": False, "functions": []}
+        return {"extension": False, "cuda": False, "functions": [], "cpu_isa": None}
     functions = sorted(name for name in dir(ext) if not name.startswith("_"))
+    cpu_isa = ext.cpu_softmax_isa() if hasattr(ext, "cpu_softmax_isa") else None
     return {"extension": True, "cuda": bool(getattr(ext, "with_cuda", lambda: False)()),
-            "functions": functions}
+            "functions": functions, "cpu_isa": cpu_isa}
 
 
 @functools.lru_cache(maxsize=None)
