@@ -34,29 +34,36 @@ from megaglot.kernels import (apply_rotary_torch, available, fused_rotary, rotar
 
 
 def timer(device: torch.device, repeat: int, warmup: int = 3, back_to_back: int = 10):
-    """Median seconds of fn() over `repeat` runs (CUDA events on GPU, perf_counter on CPU).
+    """measure(fn, ...) -> the median seconds of each fn over `repeat` samples (CUDA events on GPU,
+    perf_counter on CPU), one tuple entry per fn.
 
+    The functions' samples are interleaved (a, b, a, b, ...), so a burst of load on a shared machine
+    lands on both sides of a comparison instead of on whichever happened to run during it.
     On GPU each sample is the mean of `back_to_back` consecutive calls between two events, so the
     host's per-call Python and launch overhead (tens of microseconds) overlaps device work as it
     does in a training step instead of being timed as idle device time before a 0.1 ms kernel."""
-    def measure(fn) -> float:
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeat):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(back_to_back):
-                    fn()
-                end.record()
-                torch.cuda.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3 / back_to_back)
-            else:
-                t0 = time.perf_counter()
+    def sample(fn) -> float:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(back_to_back):
                 fn()
-                samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3 / back_to_back
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def measure(*fns):
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        samples = [[] for _ in fns]
+        for _ in range(repeat):
+            for fn, out in zip(fns, samples):
+                out.append(sample(fn))
+        return tuple(statistics.median(s) for s in samples)
     return measure
 
 
@@ -118,7 +125,7 @@ def run(args) -> None:
     if not cpu:
         src = torch.empty(256 * 2**20, device=device, dtype=torch.uint8)
         dst = torch.empty_like(src)
-        copy_gbs = 2 * src.numel() / measure(lambda: dst.copy_(src)) / 1e9
+        copy_gbs = 2 * src.numel() / measure(lambda: dst.copy_(src))[0] / 1e9
         print(f"measured copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     header = "| kernel | shape | dtype | pass | fused ms | GB/s | % copy | eager ms | speedup |"
     print(header)
@@ -132,17 +139,18 @@ def run(args) -> None:
 
     for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
         for name, shape, x, nbytes, fused, eager in softmax_cases(device, dtype, cpu):
-            row(name, shape, dtype, "fwd", measure(lambda: fused(x)), measure(lambda: eager(x)), nbytes)
+            row(name, shape, dtype, "fwd", *measure(lambda: fused(x), lambda: eager(x)), nbytes)
             xg = x.clone().requires_grad_(True)
             grad = torch.randn_like(x)
-            row(name, shape, dtype, "fwd+bwd", measure(fwd_bwd(fused, xg, grad)), measure(fwd_bwd(eager, xg, grad)))
+            row(name, shape, dtype, "fwd+bwd", *measure(fwd_bwd(fused, xg, grad), fwd_bwd(eager, xg, grad)))
         s, b, heads, hn, rd = (1024, 4, 16, 128, 64) if cpu else (2048, 8, 16, 128, 64)
         q = torch.randn(s, b, heads, hn, device=device, dtype=dtype)
         k = torch.randn_like(q)
         cos, sin = rotary_cos_sin(s, rd, 10000, device)
         nbytes = 4 * q.numel() * q.element_size()
-        row("rotary q+k", (s, b, heads, hn), dtype, "fwd", measure(lambda: fused_rotary(q, k, cos, sin)),
-            measure(lambda: (apply_rotary_torch(q, cos, sin), apply_rotary_torch(k, cos, sin))), nbytes)
+        row("rotary q+k", (s, b, heads, hn), dtype, "fwd",
+            *measure(lambda: fused_rotary(q, k, cos, sin),
+                     lambda: (apply_rotary_torch(q, cos, sin), apply_rotary_torch(k, cos, sin))), nbytes)
         if not cpu:
             attention_vs_sdpa(device, dtype, measure)
 
@@ -158,8 +166,8 @@ def attention_vs_sdpa(device, dtype, measure) -> None:
         probs = scaled_upper_triang_masked_softmax(scores, scale)
         return torch.bmm(probs, v.view(b * heads, s, hn))
 
-    fused_s = measure(fused_block)
-    sdpa_s = measure(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    fused_s, sdpa_s = measure(fused_block,
+                              lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
     print(f"| attention block (QK^T+fused softmax+PV) vs SDPA | {b}x{heads}x{s}x{hn} | "
           f"{str(dtype).replace('torch.', '')} | fwd | {fused_s * 1e3:.2f} | - | - | {sdpa_s * 1e3:.2f} (SDPA) | "
           f"{sdpa_s / fused_s:.2f}x |", flush=True)
