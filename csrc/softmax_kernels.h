@@ -30,7 +30,7 @@ struct SoftmaxCpuKernels {
   SoftmaxBackward16 backward_f16, backward_bf16;
 };
 
-// The x86 levels: nullptr where this build has no such path (not GCC >= 12 on x86-64 Linux) or the
+// The x86 levels: nullptr where this build has no such path (not GCC >= 11 on x86-64 Linux) or the
 // running CPU lacks the instructions.
 const SoftmaxCpuKernels* avx512_softmax_kernels();
 const SoftmaxCpuKernels* avx2_softmax_kernels();

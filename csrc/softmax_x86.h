@@ -27,21 +27,24 @@
 #error "define MG_X86_LEVEL as 3 (AVX2) or 4 (AVX-512) before including softmax_x86.h"
 #endif
 
-// GCC 12 or newer on x86-64 Linux: it knows arch=x86-64-v3/v4 as targets and in __builtin_cpu_supports.
-#if defined(__GNUC__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+// GCC 11 or newer on x86-64 Linux (Clang has no `#pragma GCC target`). The levels are named by their
+// feature lists rather than arch=x86-64-v3/v4, and detected through __builtin_cpu_supports features
+// and CPUID rather than the level names, which GCC's __builtin_cpu_supports learned only in 12.
+#if defined(__GNUC__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 #define MG_X86_PATHS 1
 #else
 #define MG_X86_PATHS 0
 #endif
 
 #if MG_X86_PATHS
+#include <cpuid.h>
 #include <immintrin.h>
 
 #pragma GCC push_options
-#if MG_X86_LEVEL == 4
-#pragma GCC target("arch=x86-64-v4")
-#else
-#pragma GCC target("arch=x86-64-v3")
+#if MG_X86_LEVEL == 4  // x86-64-v4 = v3 + these five
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,movbe,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd")
+#else  // x86-64-v3
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,movbe,popcnt")
 #endif
 
 #include "softmax_rows.h"
@@ -228,20 +231,34 @@ const SoftmaxCpuKernels kLevelKernels = {
 #pragma GCC pop_options
 
 namespace megaglot {
+namespace {
+
+// AVX2 with FMA, F16C and BMI2 (what the rows use of x86-64-v3). __builtin_cpu_supports("avx2") also
+// checks that the OS saves the ymm state; F16C is read from CPUID leaf 1.
+bool cpu_runs_avx2_level() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+  return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+}
+
+}  // namespace
 
 #if MG_X86_LEVEL == 4
 const SoftmaxCpuKernels* avx512_softmax_kernels() {
-  static const bool runs = __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("f16c");
+  // The x86-64-v4 set; the avx512 checks include the OS saving the zmm state.
+  static const bool runs = cpu_runs_avx2_level() && __builtin_cpu_supports("avx512f") &&
+                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd");
 #else
 const SoftmaxCpuKernels* avx2_softmax_kernels() {
-  static const bool runs = __builtin_cpu_supports("x86-64-v3");
+  static const bool runs = cpu_runs_avx2_level();
 #endif
   return runs ? &kLevelKernels : nullptr;
 }
 
 }  // namespace megaglot
 
-#else  // not GCC >= 12 on x86-64 Linux: the portable kernels only
+#else  // not GCC >= 11 on x86-64 Linux: the portable kernels only
 
 namespace megaglot {
 #if MG_X86_LEVEL == 4
