@@ -157,8 +157,9 @@ MG_INLINE double exp_nonpositive(double x) {
 // baseline. Wider than the target is not free: GCC lowered 16-float vectors on AVX2 through the
 // stack, and that build ran the softmax 13x slower than the AVX-512 one. GCC turns `a > b ? a : b`
 // over plain floats into a SIMD max only under -ffinite-math-only, which the masks' -inf rules out;
-// on vector types the compare and select are explicit.
-#if defined(__GNUC__)
+// on vector types the compare and select are explicit. Other compilers get the scalar rows
+// (-DMG_NO_VECTOR_EXT builds those with GCC, to check that path by hand).
+#if defined(__GNUC__) && !defined(MG_NO_VECTOR_EXT)
 #define MG_HAVE_VECTOR_EXT 1
 
 template <int W>
