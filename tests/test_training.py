@@ -1,4 +1,5 @@
-"""Training equivalences: every parallel layout trains like one process.
+"""Training equivalences: every parallel layout trains like one process, and one process trains like
+transformers' GPT-NeoX stepped by torch.optim.AdamW from the same weights (the last test).
 
 Synthetic token data, the tiny-test model (4 layers, h 64), fp32, 3 steps of AdamW with clipping.
 Losses and the clipped global norm must match to 1e-5 relative; parameters after 3 steps to
@@ -264,3 +265,95 @@ def test_bad_flags_fail_with_one_line(flags, message, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------- against an independent reference
+
+# Weight decay 0.5 so that decaying the wrong group shows: it moves a 0.02 weight by 3e-5 per step.
+# Parameters to atol 3e-5, 1% of one step's largest update (lr 3e-3); see the module docstring for
+# why Adam makes exact agreement impossible for near-zero gradients.
+HF_STEPS, HF_LR, HF_MIN_LR, HF_WARMUP, HF_CLIP, HF_DECAY = 4, 3e-3, 3e-4, 1, 0.5, 0.5
+
+
+def reference_lr(iteration: int) -> float:
+    """Linear warm-up then cosine decay to min_lr over HF_STEPS, written out independently."""
+    import math
+
+    if iteration < HF_WARMUP:
+        return HF_LR * (iteration + 1) / HF_WARMUP
+    progress = (iteration - HF_WARMUP) / (HF_STEPS - HF_WARMUP)
+    return HF_MIN_LR + (HF_LR - HF_MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _hf_trajectory_worker(rank):
+    """megaglot's whole training step (fused attention, GradBuffer, its AdamW, clipping, schedule)
+    against transformers' GPT-NeoX trained by torch.optim.AdamW from the same initial weights."""
+    import torch.nn.functional as F
+
+    from hf_models import random_gpt_neox
+    from megaglot.checkpoint.hf import hf_name, model_config_from_hf, unpad_vocab
+    from megaglot.checkpoint.sharding import named_global_parameters
+    from megaglot.config import ParallelConfig, TrainConfig
+    from megaglot.training import build_run, init_distributed, train_step
+
+    hf_model = random_gpt_neox(3).train()
+    cfg = model_config_from_hf(hf_model.config.to_dict(), attention_backend="fused")
+    train = TrainConfig(micro_batch_size=2, global_batch_size=6, seq_length=SEQ, train_iters=HF_STEPS,
+                        eval_interval=0, log_interval=100, lr=HF_LR, min_lr=HF_MIN_LR, lr_warmup_iters=HF_WARMUP,
+                        clip_grad=HF_CLIP, weight_decay=HF_DECAY, seed=11)
+    run = build_run(cfg, ParallelConfig(), train, init_distributed())
+    # HF starts from megaglot's initial weights (vocabulary padding rows dropped).
+    with torch.no_grad():
+        hf_state = {hf_name(n): unpad_vocab(p.detach().clone(), n, cfg)
+                    for n, p in named_global_parameters(run.chunks)}
+    missing, unexpected = hf_model.load_state_dict(
+        {("lm_head.weight" if k == "embed_out.weight" and not hasattr(hf_model, "embed_out") else k): v
+         for k, v in hf_state.items()}, strict=False)
+    assert not unexpected and all("rotary_emb" in m or m.endswith(".attention.bias") or
+                                  m.endswith(".attention.masked_bias") for m in missing), (missing, unexpected)
+
+    params = list(hf_model.parameters())
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": HF_DECAY},
+              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    adam = torch.optim.AdamW(groups, lr=HF_LR, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
+    data = SyntheticTokens(HF_STEPS * 3 * 2, cfg.vocab_size, seed=5)
+    losses, hf_losses, norms, hf_norms = [], [], [], []
+    for it in range(HF_STEPS):
+        items = [data[it * 6 + i] for i in range(6)]
+        microbatches = [{k: torch.as_tensor(np.stack([x[k] for x in items[m:m + 2]])) for k in items[0]}
+                        for m in range(0, 6, 2)]
+        stats = train_step(run, microbatches)
+        losses.append(stats["loss"])
+        norms.append(stats["grad_norm"])
+        # The reference: mean token loss over the global batch, clip, AdamW at the schedule's LR.
+        adam.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in microbatches:
+            logits = hf_model(input_ids=mb["tokens"]).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mb["labels"].reshape(-1)) / 3
+            loss.backward()
+            total += loss.item()
+        hf_losses.append(total)
+        hf_norms.append(float(torch.nn.utils.clip_grad_norm_(params, HF_CLIP)))
+        for group in adam.param_groups:
+            group["lr"] = reference_lr(it)
+        adam.step()
+    finals = {hf_name(n): unpad_vocab(p.detach().clone(), n, cfg) for n, p in named_global_parameters(run.chunks)}
+    hf_finals = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    return dict(losses=losses, hf_losses=hf_losses, norms=norms, hf_norms=hf_norms, finals=finals,
+                hf_finals=hf_finals, start=hf_state)
+
+
+def test_training_steps_equal_hugging_face_trained_by_torch_adamw():
+    pytest.importorskip("transformers")
+    (res,) = run_distributed(_hf_trajectory_worker, 1)
+    np.testing.assert_allclose(res["losses"], res["hf_losses"], rtol=1e-5, err_msg="per-step losses")
+    np.testing.assert_allclose(res["norms"], res["hf_norms"], rtol=1e-5, err_msg="unclipped global grad norms")
+    assert max(res["hf_norms"]) > HF_CLIP  # clipping took part
+    for name, want in res["hf_finals"].items():
+        key = name if name in res["finals"] else "embed_out.weight"
+        if name.endswith((".attention.bias", ".attention.masked_bias", "inv_freq")):
+            continue
+        got = res["finals"][key]
+        assert not torch.equal(got, res["start"][key]), f"{name} never moved"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name} after {HF_STEPS} steps: {m}")
