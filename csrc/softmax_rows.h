@@ -50,10 +50,10 @@ MG_INLINE int64_t vector_end(int64_t valid, int64_t sk) {
 MG_INLINE int64_t causal_valid(int64_t row, int64_t sq, int64_t sk) { return std::min(row % sq + 1, sk); }
 
 // A causal row reads only its prefix, so the rows' reads are a chain of short streams that the
-// hardware prefetcher keeps losing at every row start; masked float32 rows are read by masked loads,
-// which it did not follow either. Fetching two rows ahead in software took the float32 forward on the
-// 2-core dev VM (Zen 4, one thread, [16, 1024, 1024]) from 5.4 to 2.8 ms causal and from 10 to 4.4 ms
-// masked; plain rows are one sequential stream and gained nothing.
+// hardware prefetcher keeps losing at every row start (masked float32 rows, whose loads GCC turns
+// into masked loads, stalled the same way). Fetching two rows ahead in software took the float32
+// forward on the 2-core dev VM (AMD EPYC with AVX-512, one thread, [16, 1024, 1024]) from 5.4 to
+// 2.8 ms causal and from 10 to 4.4 ms masked; plain rows are one sequential stream and gained nothing.
 constexpr int64_t kPrefetchRowsAhead = 2;
 
 template <typename T>
