@@ -138,10 +138,11 @@ def model_presets() -> dict[str, ModelConfig]:
         "polyglot-ko-3.8b": _polyglot("polyglot-ko-3.8b", 3072, 32, 24, 12288, 0.5),
         "polyglot-ko-5.8b": _polyglot("polyglot-ko-5.8b", 4096, 28, 16, 16384, 0.25),
         "polyglot-ko-12.8b": _polyglot("polyglot-ko-12.8b", 5120, 40, 40, 20480, 0.5),
-        # The CPU demo: small enough to train visibly on 2 cores in a couple of minutes.
+        # The CPU demo: small enough to train visibly on 2 cores in a couple of minutes, on the
+        # fused CPU softmax and rotary kernels.
         "tiny": ModelConfig(num_layers=4, hidden_size=128, num_attention_heads=4,
                             ffn_hidden_size=512, vocab_size=1024, max_position_embeddings=256,
-                            hidden_dropout=0.1, attention_dropout=0.1, name="tiny"),
+                            hidden_dropout=0.1, attention_dropout=0.1, attention_backend="fused", name="tiny"),
         # Unit tests: the smallest shape that still exercises every code path.
         "tiny-test": ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4,
                                  ffn_hidden_size=256, vocab_size=1000,
