@@ -145,6 +145,18 @@ MG_INLINE A load_scaled_max(const typename C::storage* x, const uint8_t* mask, A
   return m;
 }
 
+// v[j] = exp(v[j] - m) for begin <= j < n, one at a time; returns their sum (the rows' tails).
+template <int Degree, typename A>
+MG_INLINE A exp_and_sum_scalar(A* v, int64_t begin, int64_t n, A m) {
+  A s = 0;
+  for (int64_t j = begin; j < n; ++j) {
+    const A e = cpu::exp_nonpositive<Degree>(v[j] - m);
+    v[j] = e;
+    s += e;
+  }
+  return s;
+}
+
 // buf[j] = exp(buf[j] - m); returns the sum. The codec C picks the exp: its accuracy (exp_degree, the
 // polynomial's degree) and, for whole vectors, its instructions (expv).
 template <typename C, typename A = typename C::acc>
@@ -161,12 +173,7 @@ MG_INLINE A exp_and_sum(A* v, int64_t n, A m) {
       cpu::store_f32<W>(v + j, e);
       acc += e;
     }
-    A s = 0;
-    for (; j < n; ++j) {
-      const A e = cpu::exp_nonpositive<Degree>(v[j] - m);
-      v[j] = e;
-      s += e;
-    }
+    A s = exp_and_sum_scalar<Degree>(v, j, n, m);
     for (int l = 0; l < W; ++l) s += acc[l];
     return s;
   }
@@ -178,12 +185,7 @@ MG_INLINE A exp_and_sum(A* v, int64_t n, A m) {
       v[j + l] = e;
       lanes[l] += e;
     }
-  A s = 0;
-  for (; j < n; ++j) {
-    const A e = cpu::exp_nonpositive<Degree>(v[j] - m);
-    v[j] = e;
-    s += e;
-  }
+  A s = exp_and_sum_scalar<Degree>(v, j, n, m);
   for (int l = 0; l < kLanes; ++l) s += lanes[l];
   return s;
 }
