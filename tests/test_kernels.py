@@ -6,6 +6,9 @@ Device-independent checks live in helpers shared with tests/test_kernels_cuda.py
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -14,7 +17,6 @@ import torch
 from megaglot.kernels import (apply_rotary_torch, available, fused_rotary, rotary_cos_sin, scaled_masked_softmax,
                               scaled_softmax, scaled_upper_triang_masked_softmax)
 from megaglot.kernels import rotary as rotary_mod
-from megaglot.kernels import softmax as softmax_mod
 from megaglot.kernels import extension as extension_mod
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -171,10 +173,6 @@ SOFTMAX_CHECKS = ("causal_softmax or masked_softmax or plain_softmax or streamed
 def test_lower_cpu_isa_levels_in_a_subprocess(isa):
     """The softmax rows of a lower ISA level (what a CPU without AVX-512, or without AVX2, runs), forced
     with MEGAGLOT_CPU_ISA, pass the same checks as the best level this machine runs."""
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, MEGAGLOT_CPU_ISA=isa)
     probe = subprocess.run([sys.executable, "-c", "import megaglot.kernels as k; print(k.available()['cpu_isa'])"],
                            env=env, capture_output=True, text=True, timeout=120)
@@ -190,10 +188,6 @@ def test_lower_cpu_isa_levels_in_a_subprocess(isa):
 
 
 def test_unknown_cpu_isa_is_a_clear_error():
-    import os
-    import subprocess
-    import sys
-
     code = "import torch; from megaglot.kernels import scaled_softmax; scaled_softmax(torch.randn(1, 1, 2, 3), 1.0)"
     result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MEGAGLOT_CPU_ISA="sse9"),
                             capture_output=True, text=True, timeout=120)
