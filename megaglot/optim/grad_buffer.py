@@ -9,7 +9,9 @@ counts each parameter's gradients; once every parameter of a bucket has received
 (overlap), whatever pipeline schedule drives the backward passes.
 
 With the distributed optimizer each bucket is padded to a multiple of the DP size and
-reduce-scattered: DP rank r owns the r-th slice of every bucket.
+reduce-scattered in place on every backend (gloo included, so CPU tests run NCCL's code): DP rank
+r owns the r-th slice of every bucket, and only that slice holds the reduced gradient afterwards
+(the rest of the bucket keeps this rank's own, unreduced values: the optimizer reads only its slice).
 """
 
 from __future__ import annotations
@@ -127,10 +129,10 @@ class GradBuffer:
             return
         view = self.data[bucket.start:bucket.end]
         view.div_(self.dp_size)  # average over DP: the global batch mean
-        if self.distributed and dist.get_backend(self.dp_group) == "nccl":
+        if self.distributed:  # in place: our slice of the bucket receives the reduced slice
             lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
-            bucket.handle = comm._reduce_scatter_base(self.data[lo:hi], view, group=self.dp_group, async_op=True)
-        else:  # gloo has no single-tensor reduce-scatter: reduce all, each rank reads its slice
+            bucket.handle = comm.reduce_scatter_single(self.data[lo:hi], view, self.dp_group, async_op=True)
+        else:
             bucket.handle = dist.all_reduce(view, group=self.dp_group, async_op=True)
 
     def finish(self) -> None:

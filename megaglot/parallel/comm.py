@@ -5,8 +5,9 @@ split <-> all-gather, all-gather <-> reduce-scatter), so parallel layers compose
 autograd. Activations are `[s, b, h]`: the tensor-parallel pairs work on the last dim, the
 sequence-parallel trio on dim 0.
 
-The raw primitives below pick NCCL's native single-tensor collectives and build the same
-result from all_reduce on backends that lack them, so gloo (CPU tests) and NCCL agree.
+The raw primitives call the single-tensor collectives (all-gather into one tensor, reduce-scatter
+of one tensor) on every backend: gloo has them too (checked on torch 2.13: fp32, bf16, fp16), so the
+CPU tests run exactly the calls NCCL runs. There is no per-backend branch to drift apart.
 """
 
 from __future__ import annotations
@@ -16,12 +17,24 @@ import torch.distributed as dist
 
 from megaglot.parallel import state
 
-_all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_base = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# ---- single-tensor collectives -------------------------------------------------------------
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single and deprecates the
+# old names (a FutureWarning per call); older torch (the GPU machines' 2.11) has only the old ones.
+# Looked up at call time, so a test can spy on `torch.distributed.<name>`.
+def all_gather_single(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """out [world * n, ...] <- every rank's x [n, ...] in rank order (torch's all_gather_single)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, x, group=group, async_op=async_op)
 
 
-def _native_single_tensor_collectives(group) -> bool:
-    return dist.get_backend(group) == "nccl"
+def reduce_scatter_single(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """out [n, ...] <- this rank's slice of the sum of every rank's x [world * n, ...].
+
+    `out` may be this rank's slice of `x` itself (GradBuffer reduces a bucket in place): NCCL and
+    gloo both accept that aliasing.
+    """
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, x, group=group, async_op=async_op)
 
 
 # ---- raw primitives (no autograd) ----------------------------------------------------------
@@ -41,10 +54,7 @@ def all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    if _native_single_tensor_collectives(group):
-        _all_gather_base(out, x, group=group)
-    else:
-        dist.all_gather(list(out.chunk(world, dim=0)), x, group=group)
+    all_gather_single(out, x, group)
     return out
 
 
@@ -56,15 +66,9 @@ def reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
     if x.shape[0] % world:
         raise ValueError(f"reduce-scatter: dim 0 of size {x.shape[0]} is not divisible by the group size {world}")
     x = x.contiguous()
-    rank = dist.get_rank(group)
-    if _native_single_tensor_collectives(group):
-        out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        _reduce_scatter_base(out, x, group=group)
-        return out
-    # gloo has no reduce-scatter of one tensor: reduce everything, keep our slice.
-    summed = x.clone()
-    dist.all_reduce(summed, group=group)
-    return summed.chunk(world, dim=0)[rank].contiguous()
+    out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    reduce_scatter_single(out, x, group)
+    return out
 
 
 def split_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:

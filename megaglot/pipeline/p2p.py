@@ -11,11 +11,19 @@ Shapes are known ahead (`[s/tp if sequence parallel else s, micro batch, h]`), s
 are allocated from `tensor_shape`/`dtype`; a send whose shape or dtype differs raises a clear
 error instead of letting the peer read garbage.
 
-Ordering. With p = 2 (or interleaving's ring wrap) both directions of traffic can run between the
-same two ranks in one batch. NCCL matches messages between a pair by posting order and ignores
-tags, so every batch posts forward-direction traffic (send to next, receive from previous) before
-backward-direction traffic (send to previous, receive from next); on both ends of a pair the
-activation is then matched before the gradient. Distinct tags make gloo match by kind as well.
+Ordering. NCCL ignores tags and matches the messages from one rank to another in posting order
+(the k-th send from a to b meets b's k-th receive from a). Every message here carries the same
+tag, so gloo matches them the same way and the CPU tests exercise NCCL's pairing. With p = 2 (or
+interleaving's ring wrap) both directions of traffic can run between the same two ranks in one
+batch, so every batch posts forward-direction traffic (send to next, receive from previous)
+before backward-direction traffic (send to previous, receive from next): on both ends of a pair
+the activation is posted, and therefore matched, before the gradient. Across batches, the
+schedules post in the same order on both peers. A mismatch would not raise (the buffers have the
+same shape and dtype), which is why tests check what arrives in which buffer.
+
+Waiting is stream-ordered: `Pending.wait()` waits on the work handles only. On NCCL that makes the
+current CUDA stream wait for the transfer without blocking the host, so compute queued meanwhile
+keeps overlapping; a device-wide synchronize would stall it.
 
 The neighbours come from `state.get_pipeline_next_rank/prev_rank`, which wrap around: under
 interleaving, the last stage's chunk v feeds the first stage's chunk v+1 through that wrap.
@@ -24,19 +32,35 @@ On NCCL the caller must have set the CUDA device (torch.cuda.set_device) before 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megaglot.parallel import state
 
-_TAG_FORWARD = 1
-_TAG_BACKWARD = 2
+_TAG = 0  # one tag for every message: matching by posting order, as on NCCL (module docstring)
+
+
+def _has_own_cuda_backend(group) -> bool:
+    """True when the group reaches CUDA tensors through a backend that does not also serve the
+    CPU (NCCL, alone or as in "cpu:gloo,cuda:nccl"). Gloo registers for CUDA too, but as the very
+    backend object that serves the CPU; it is used here for CPU tensors."""
+    try:
+        cuda_backend = group._get_backend(torch.device("cuda"))
+    except RuntimeError:  # no backend for CUDA
+        return False
+    try:
+        return cuda_backend is not group._get_backend(torch.device("cpu"))
+    except RuntimeError:  # CUDA only
+        return True
 
 
 def _default_device(group) -> torch.device:
-    if dist.get_backend(group) == "nccl":
+    """Where receive buffers go when nothing is sent and the caller named no device: the current
+    CUDA device if the pipeline group has a CUDA backend of its own, else the CPU. Asks the group,
+    never compares backend names (a name like "cpu:gloo,cuda:nccl" is valid)."""
+    if torch.cuda.is_available() and _has_own_cuda_backend(group):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -54,29 +78,29 @@ def _check_send(tensor: torch.Tensor, tensor_shape, dtype, what: str) -> torch.T
 class Pending:
     """An exchange that was posted but not waited on (`communicate(..., wait=False)`).
 
-    `wait()` before reading what it receives; it also keeps the sent tensors alive until then.
+    `wait()` before reading what it receives. Until wait() has returned, the Pending holds every
+    tensor of the batch (sent and received), so none is freed while a transfer may still use it.
     Received activations get `requires_grad` only once they have arrived.
     """
 
-    def __init__(self, requests, keep_alive, activation: Optional[torch.Tensor], device: torch.device):
-        self._requests, self._keep_alive = requests, keep_alive
-        self._activation, self._device = activation, device
+    def __init__(self, requests, keep_alive, activation: Optional[torch.Tensor]):
+        self._requests, self._keep_alive, self._activation = requests, keep_alive, activation
 
     @staticmethod
     def done() -> "Pending":
         """Nothing outstanding: a start value for schedules that wait before each use."""
-        return Pending(None, None, None, None)
+        return Pending(None, None, None)
 
     def wait(self) -> None:
+        """Wait on the work handles (stream-ordered on NCCL, see the module docstring); no device
+        synchronize. A second call returns at once."""
         if self._requests is None:
             return
         for request in self._requests:
             request.wait()
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)  # batch_isend_irecv's waits are stream-ordered on NCCL
         if self._activation is not None:
             self._activation.requires_grad_()
-        self._requests = self._keep_alive = self._activation = None
+        self._requests = self._keep_alive = self._activation = None  # the transfers are done: release
 
 
 def communicate(tensor_send_next: Optional[torch.Tensor], tensor_send_prev: Optional[torch.Tensor],
@@ -103,15 +127,16 @@ def communicate(tensor_send_next: Optional[torch.Tensor], tensor_send_prev: Opti
     # Forward-direction traffic first, then backward-direction (see the module docstring).
     if tensor_send_next is not None:
         ops.append(dist.P2POp(dist.isend, _check_send(tensor_send_next, tensor_shape, dtype, "send forward"),
-                              next_rank, group, _TAG_FORWARD))
+                              next_rank, group, _TAG))
     if from_prev is not None:
-        ops.append(dist.P2POp(dist.irecv, from_prev, prev_rank, group, _TAG_FORWARD))
+        ops.append(dist.P2POp(dist.irecv, from_prev, prev_rank, group, _TAG))
     if tensor_send_prev is not None:
         ops.append(dist.P2POp(dist.isend, _check_send(tensor_send_prev, tensor_shape, dtype, "send backward"),
-                              prev_rank, group, _TAG_BACKWARD))
+                              prev_rank, group, _TAG))
     if from_next is not None:
-        ops.append(dist.P2POp(dist.irecv, from_next, next_rank, group, _TAG_BACKWARD))
-    pending = Pending(dist.batch_isend_irecv(ops) if ops else [], [op.tensor for op in ops], from_prev, device)
+        ops.append(dist.P2POp(dist.irecv, from_next, next_rank, group, _TAG))
+    # An empty batch posts nothing and has nothing to wait on.
+    pending = Pending(dist.batch_isend_irecv(ops), [op.tensor for op in ops], from_prev) if ops else Pending.done()
     if not wait:
         return from_prev, from_next, pending
     pending.wait()
