@@ -3,9 +3,10 @@ transformers' GPT-NeoX stepped by torch.optim.AdamW from the same weights (the l
 
 Synthetic token data, the tiny-test model (4 layers, h 64), fp32, 3 steps of AdamW with clipping.
 Losses and the clipped global norm must match to 1e-5 relative; parameters after 3 steps to
-rtol 1e-4 / atol 1e-5. Each step moves a parameter by up to ~lr = 2e-3, and Adam's m/sqrt(v)
-amplifies the round-off of near-zero gradients (a bias starting at 0), so 1e-5 absolute is under 1%
-of one update; a wrong reduction or a missed gradient is off by a whole update or more.
+rtol 1e-4 / atol 2e-5. Each step moves a parameter by up to ~lr = 2e-3, and Adam's m/sqrt(v)
+amplifies the round-off of near-zero gradients (a bias starting at 0), so the tolerance is 1% of one
+update (on an AVX2 machine one element of a TP=2 run differed by 1.12e-5); a wrong reduction or a
+missed gradient is off by a whole update or more.
 """
 
 import dataclasses
@@ -93,7 +94,7 @@ def assert_same_training(got, want, what):
     g, w = full_state(got["ranks"]), full_state(want["ranks"])
     assert g.keys() == w.keys()
     for name in w:
-        torch.testing.assert_close(g[name], w[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {name}: {m}")
+        torch.testing.assert_close(g[name], w[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{what}: {name}: {m}")
 
 
 def _collect(results, index):
