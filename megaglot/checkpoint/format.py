@@ -12,7 +12,9 @@
 A piece is a flat range of one TP shard of one tensor; whole shards are the common case, the
 distributed optimizer writes partial ranges from each DP rank. Because every piece is
 self-describing, a reader assembles the full tensor of any name whatever layout wrote it, so
-loading at another TP/PP/DP layout and offline resharding share this one reader. Nothing is
+loading at another TP/PP/DP layout and offline resharding share this one reader. At the TP size
+a checkpoint was saved at, a rank reads only its own shard (`shard`, `shard_range`): no rank
+moves the whole model through memory to load its part of it. Nothing is
 unpickled: tensors are safetensors, everything else is JSON.
 """
 
@@ -35,6 +37,13 @@ MODEL = "model"  # the kind of parameters; optimizer kinds: "master", "exp_avg",
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked; the message names the file."""
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -83,13 +92,15 @@ class PieceWriter:
         self.index.append(dict(kind=kind, name=name, global_shape=list(global_shape), partition_dim=partition_dim,
                                tp_size=tp_size, tp_rank=tp_rank, start=start, end=end, key=key))
 
-    def write(self) -> None:
+    def write(self) -> List[Tuple[str, int]]:
+        """Returns (file name, size in bytes) of both files, as this writer sees them."""
         os.makedirs(self.directory, exist_ok=True)
         file = f"{self.part}.safetensors"
         save_file(self.tensors, os.path.join(self.directory, file))
         for entry in self.index:
             entry["file"] = file
         write_json(os.path.join(self.directory, f"{self.part}.index.json"), {"pieces": self.index})
+        return [(f, os.path.getsize(os.path.join(self.directory, f))) for f in (file, f"{self.part}.index.json")]
 
 
 def write_json(path: str, obj) -> None:
@@ -103,7 +114,8 @@ def write_json(path: str, obj) -> None:
 
 
 class CheckpointReader:
-    """Assembles full tensors from the pieces of one iteration directory, one tensor at a time."""
+    """Reads the pieces of one iteration directory: full tensors, one at a time, or one rank's
+    shard (or range of it) of a tensor."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -142,12 +154,16 @@ class CheckpointReader:
             raise CheckpointError(f"{self.directory}: no {kind} tensor {name!r}; is it a checkpoint of another model?")
         return pieces
 
-    def _read(self, piece: Piece) -> torch.Tensor:
+    def _read(self, piece: Piece, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Values [lo, hi) of the piece (all by default); a part is read through a lazy slice,
+        so only its bytes leave the file."""
         handle = self._handles.get(piece.file)
         if handle is None:
             handle = safe_open(os.path.join(self.directory, piece.file), framework="pt")
             self._handles[piece.file] = handle
-        return handle.get_tensor(piece.key)
+        if lo == 0 and hi in (None, piece.end - piece.start):
+            return handle.get_tensor(piece.key)
+        return handle.get_slice(piece.key)[lo:hi]
 
     def release(self) -> None:
         """Drop the open part files. Each stays memory-mapped while its handle lives, so the pages
@@ -160,14 +176,48 @@ class CheckpointReader:
         """The tensor at TP = 1, assembled from every piece (any TP size / DP split it was saved at)."""
         pieces = self._pieces(kind, name)
         first = pieces[0]
-        shard_numel = 1
-        for d in first.shard_shape:
-            shard_numel *= d
+        shard_numel = _numel(first.shard_shape)
         if first.partition_dim is None:  # replicated over TP: one rank's copy is the tensor
             return self._assemble_shard(kind, name, pieces, min(p.tp_rank for p in pieces), shard_numel, first)
         shards = [self._assemble_shard(kind, name, pieces, tp_rank, shard_numel, first)
                   for tp_rank in range(first.tp_size)]
         return torch.cat(shards, dim=first.partition_dim)
+
+    def shard(self, kind: str, name: str, tp_size: int, tp_rank: int) -> torch.Tensor:
+        """TP shard `tp_rank` of `tp_size` (the whole tensor when it is TP-replicated). Saved at the
+        same TP size, only that shard's pieces are read (one copy of a replicated tensor); at
+        another TP size the full tensor is assembled and sliced (reshard on load)."""
+        first = self._pieces(kind, name)[0]
+        if first.partition_dim is not None and first.tp_size != tp_size:
+            return self.full_tensor(kind, name).chunk(tp_size, dim=first.partition_dim)[tp_rank]
+        return self.shard_range(kind, name, tp_size, tp_rank, 0, _numel(first.shard_shape)).view(first.shard_shape)
+
+    def shard_range(self, kind: str, name: str, tp_size: int, tp_rank: int, start: int, end: int) -> torch.Tensor:
+        """Flat values [start, end) of TP shard `tp_rank` of `tp_size` (the distributed optimizer's
+        slice of it). Saved at the same TP size, only the stored pieces overlapping the range are
+        read, and those only in part: at an unchanged layout and DP size that is this rank's own
+        piece, whole. At another TP size, from the full tensor."""
+        pieces = self._pieces(kind, name)
+        first = pieces[0]
+        if first.partition_dim is not None and first.tp_size != tp_size:
+            return self.shard(kind, name, tp_size, tp_rank).reshape(-1)[start:end]
+        source = tp_rank if first.partition_dim is not None else min(p.tp_rank for p in pieces)
+        out, covered = None, start
+        for p in sorted((p for p in pieces if p.tp_rank == source), key=lambda p: p.start):
+            a, b = max(p.start, covered), min(p.end, end)
+            if a >= b:
+                continue
+            if a > covered:
+                break
+            values = self._read(p, a - p.start, b - p.start)
+            if out is None:
+                out = torch.empty(end - start, dtype=values.dtype)
+            out[a - start:b - start] = values
+            covered = b
+        if out is None or covered != end:
+            raise CheckpointError(f"{self.directory}: {kind} tensor {name!r} TP shard {source} is incomplete "
+                                  f"(values [{start}, {end}) wanted, stored up to {covered}); a shard file is missing")
+        return out
 
     def _assemble_shard(self, kind, name, pieces, tp_rank, shard_numel, first) -> torch.Tensor:
         mine = sorted((p for p in pieces if p.tp_rank == tp_rank), key=lambda p: p.start)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from megaglot.checkpoint.format import MODEL, CheckpointError, CheckpointReader, PieceWriter
-from megaglot.checkpoint.sharding import load_full_tensors, named_global_parameters
+from megaglot.checkpoint.sharding import named_global_parameters
 from megaglot.config import ModelConfig
 from megaglot.parallel import state
 
@@ -33,5 +34,16 @@ def add_model_pieces(writer: PieceWriter, chunks: Iterable[nn.Module]) -> None:
 
 
 def load_model(chunks: Iterable[nn.Module], reader: CheckpointReader, cfg: ModelConfig) -> None:
+    """Fill this rank's parameters. At the TP size the checkpoint was saved at a rank reads only
+    its own shards (`CheckpointReader.shard`): reading every full tensor on every rank would move
+    the whole model (tens of GB at 12.8B) through each rank."""
     check_same_model(reader.metadata.get("model", {}), cfg, reader.directory)
-    load_full_tensors(chunks, lambda name: reader.full_tensor(MODEL, name))
+    tp, rank = state.get_tensor_parallel_world_size(), state.get_tensor_parallel_rank()
+    with torch.no_grad():
+        for name, param in named_global_parameters(chunks):
+            values = reader.shard(MODEL, name, tp, rank)
+            if tuple(values.shape) != tuple(param.shape):
+                raise CheckpointError(f"{reader.directory}: tensor {name} loads as {tuple(values.shape)} at TP {tp}, "
+                                      f"the model's shard is {tuple(param.shape)}; is it a checkpoint of another "
+                                      f"model?")
+            param.copy_(values)

@@ -5,9 +5,12 @@ Who writes what (so nothing is written twice and everything is written once):
   - optimizer tensors (fp32 master, exp_avg, exp_avg_sq): the same ranks, or with the distributed
     optimizer every DP rank its own flat ranges;
   - RNG states: every rank; metadata: global rank 0.
-Everything lands in `iter_N.tmp/`, and only when every rank has finished does rank 0 rename it
-and point `latest` at it, so a run killed mid-save leaves the previous checkpoint intact.
-Loading assembles full tensors from the pieces and slices them for the current layout, so a
+Everything lands in `iter_N.tmp/`, and only when every rank has finished, and rank 0 has seen every
+rank's files at the sizes their writers saw (a `--save` on node-local disks fails here, with one
+line), does rank 0 rename it and point `latest` at it, so a run killed mid-save leaves the previous
+checkpoint intact.
+Loading reads, at the TP size the checkpoint was saved at, only the pieces (and parts of pieces)
+this rank's shards need; at another TP size it assembles full tensors and slices them, so a
 checkpoint saved at one TP/PP/DP layout loads at another.
 """
 
@@ -17,17 +20,16 @@ import base64
 import os
 import random
 import warnings
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaglot.checkpoint.format import (CheckpointReader, PieceWriter, publish, read_json, resolve, staging_dir,
-                                        write_json, write_metadata)
+from megaglot.checkpoint.format import (CheckpointError, CheckpointReader, PieceWriter, publish, read_json, resolve,
+                                        staging_dir, write_json, write_metadata)
 from megaglot.checkpoint.model_state import add_model_pieces, check_same_model, load_model
 from megaglot.checkpoint.reshard import check_checkpoint
-from megaglot.checkpoint.sharding import shard
 from megaglot.config import ModelConfig
 from megaglot.parallel import state
 from megaglot.parallel.random import get_rng_tracker
@@ -74,28 +76,16 @@ def _layout() -> dict:
 def save_checkpoint(root: str, *, iteration: int, consumed_samples: int, chunks, optimizer, model_cfg: ModelConfig,
                     extra: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the published directory."""
-    s = state.get_state()
     rank = dist.get_rank()
     directory = staging_dir(root, iteration)
     if rank == 0:
         os.makedirs(directory, exist_ok=True)
     dist.barrier()
-    part = f"tp{s.tp_rank:02d}_pp{s.pp_rank:02d}"
-    if s.dp_rank == 0:
-        writer = PieceWriter(directory, f"model_{part}")
-        add_model_pieces(writer, chunks)
-        _drop_replicated_duplicates(writer, s.tp_rank)
-        writer.write()
-    if optimizer.distributed or s.dp_rank == 0:
-        writer = PieceWriter(directory, f"optim_{part}_dp{s.dp_rank:03d}")
-        for kind, piece, tensor in optimizer.state_pieces():
-            p = piece.param
-            writer.add(kind, p.global_name, tensor, global_shape=p.global_shape, partition_dim=p.partition_dim,
-                       tp_size=s.tp_size, tp_rank=s.tp_rank, flat_range=(piece.flat_start, piece.flat_end))
-        _drop_replicated_duplicates(writer, s.tp_rank)
-        writer.write()
+    written = _write_tensors(directory, chunks, optimizer)  # (file, size) of every file this rank wrote
+    rng_file = os.path.join("rng", f"rank_{rank:05d}.json")
     os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
-    write_json(os.path.join(directory, "rng", f"rank_{rank:05d}.json"), rng_state())
+    write_json(os.path.join(directory, rng_file), rng_state())
+    written.append((rng_file, os.path.getsize(os.path.join(directory, rng_file))))
     if rank == 0:
         scaler = optimizer.scaler.state_dict() if optimizer.scaler is not None else None
         write_metadata(directory, iteration=iteration, consumed_samples=consumed_samples, model=model_cfg.to_dict(),
@@ -103,10 +93,55 @@ def save_checkpoint(root: str, *, iteration: int, consumed_samples: int, chunks,
                        optimizer=dict(step=optimizer.adam_step_count(), num_skipped=optimizer.num_skipped,
                                       iteration=optimizer.iteration, distributed=optimizer.distributed),
                        **(extra or {}))
-    dist.barrier()
+    _confirm_every_file(root, directory, written)  # collective: every rank has written when it returns
     final = publish(root, iteration) if rank == 0 else None
     dist.barrier()
     return final or os.path.join(root, os.path.basename(directory)[:-len(".tmp")])
+
+
+def _write_tensors(directory: str, chunks, optimizer) -> List[Tuple[str, int]]:
+    """This rank's model and optimizer part files (see the module docstring for who writes what)."""
+    s = state.get_state()
+    part, written = f"tp{s.tp_rank:02d}_pp{s.pp_rank:02d}", []
+    if s.dp_rank == 0:
+        writer = PieceWriter(directory, f"model_{part}")
+        add_model_pieces(writer, chunks)
+        _drop_replicated_duplicates(writer, s.tp_rank)
+        written += writer.write()
+    if optimizer.distributed or s.dp_rank == 0:
+        writer = PieceWriter(directory, f"optim_{part}_dp{s.dp_rank:03d}")
+        for kind, piece, tensor in optimizer.state_pieces():
+            p = piece.param
+            writer.add(kind, p.global_name, tensor, global_shape=p.global_shape, partition_dim=p.partition_dim,
+                       tp_size=s.tp_size, tp_rank=s.tp_rank, flat_range=(piece.flat_start, piece.flat_end))
+        _drop_replicated_duplicates(writer, s.tp_rank)
+        written += writer.write()
+    return written
+
+
+def _confirm_every_file(root: str, directory: str, written: List[Tuple[str, int]]) -> None:
+    """Collective. Rank 0 publishes by renaming a directory other ranks (other nodes) wrote into;
+    on node-local disks it would publish a checkpoint missing their files. So rank 0 checks every
+    rank's files, with the sizes their writers saw, from its own view, and every rank raises the
+    same one-line error when one is missing: nothing is published and `latest` stays."""
+    everyone: List[Optional[List[Tuple[str, int]]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, written)
+    verdict = [_first_unseen(root, directory, everyone) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+
+
+def _first_unseen(root: str, directory: str, everyone) -> Optional[str]:
+    for rank, files in enumerate(everyone):
+        for name, size in files:
+            path = os.path.join(directory, name)
+            seen = os.path.getsize(path) if os.path.isfile(path) else None
+            if seen != size:
+                what = "missing" if seen is None else f"{seen} bytes, not the {size} it wrote"
+                return (f"--save {root}: {path}, written by rank {rank}, is {what} as rank 0 sees it; --save must "
+                        f"be on a filesystem all nodes share (the checkpoint was not published)")
+    return None
 
 
 def _drop_replicated_duplicates(writer: PieceWriter, tp_rank: int) -> None:
@@ -131,16 +166,10 @@ def load_checkpoint(path: str, *, chunks, optimizer, model_cfg: ModelConfig, loa
     s = state.get_state()
     has_optimizer = meta.get("optimizer") is not None and any(k == "exp_avg" for k, _ in reader.pieces)
     if load_optimizer and has_optimizer:
-        cache = {}
-
-        def fetch(kind, piece):
-            p = piece.param
-            key = (kind, p.global_name)
-            if key not in cache:
-                cache.clear()  # one full tensor at a time
-                cache[key] = shard(reader.full_tensor(kind, p.global_name), p.partition_dim, s.tp_size,
-                                   s.tp_rank).reshape(-1)
-            return cache[key][piece.flat_start:piece.flat_end].to(piece.master.device)
+        def fetch(kind, piece):  # only the pieces this range needs, at an unchanged TP size
+            values = reader.shard_range(kind, piece.param.global_name, s.tp_size, s.tp_rank, piece.flat_start,
+                                        piece.flat_end)
+            return values.to(piece.master.device)
 
         optimizer.load_state_pieces(fetch, meta["optimizer"]["step"])
         optimizer.iteration = meta["optimizer"]["iteration"]

@@ -43,7 +43,11 @@ class OptimizerConfig:
 
 
 def _make_adamw(groups, cfg: OptimizerConfig, device_type: str):
-    """apex FusedAdam on CUDA when installed, else torch's fused (CUDA) or foreach AdamW."""
+    """apex FusedAdam on CUDA when installed, else torch's fused (CUDA) or foreach AdamW.
+
+    The implementations keep Adam's step count in different places (torch: a `step` tensor per
+    parameter; FusedAdam: `group["step"]`), so `Optimizer` counts steps itself and writes the
+    count into both places on load (see `Optimizer._restore_step`)."""
     kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     if device_type == "cuda":
         try:
@@ -94,6 +98,7 @@ class Optimizer:
         device_type = self.params[0].device.type if self.params else "cpu"
         self.adam = _make_adamw(groups, cfg, device_type)
         self.iteration = 0  # completed (not skipped) + skipped steps: the schedule's clock
+        self.adam_steps = 0  # Adam updates taken: bias correction's t, whatever implementation runs
         self.num_skipped = 0
         self.last_grad_norm = float("nan")
 
@@ -136,6 +141,7 @@ class Optimizer:
         for group in self.adam.param_groups:
             group["lr"] = lr
         self.adam.step()
+        self.adam_steps += 1
         self._copy_masters_to_params()
         return dict(lr=lr, grad_norm=grad_norm, loss_scale=scale, skipped=False)
 
@@ -196,11 +202,8 @@ class Optimizer:
                 yield kind, pc, (t if t is not None else torch.zeros_like(pc.master))
 
     def adam_step_count(self) -> int:
-        for pc in self.pieces:
-            st = self.adam.state.get(pc.master, {})
-            if "step" in st:
-                return int(st["step"])
-        return 0
+        """Counted here, not read from the implementation: FusedAdam keeps no per-parameter step."""
+        return self.adam_steps
 
     @torch.no_grad()
     def load_state_pieces(self, fetch, step_count: int) -> None:
@@ -210,7 +213,21 @@ class Optimizer:
             st = self.adam.state[pc.master]
             for kind in ("exp_avg", "exp_avg_sq"):
                 st[kind] = fetch(kind, pc).view_as(pc.master).to(pc.master.dtype).clone()
-            fused = bool(self.adam.defaults.get("fused"))  # fused Adam keeps `step` on the device
-            st["step"] = torch.tensor(float(step_count), dtype=torch.float32,
-                                      device=pc.master.device if fused else "cpu")
+        self._restore_step(step_count)
         self._copy_masters_to_params()
+
+    def _restore_step(self, step_count: int) -> None:
+        """Put the step count where every implementation looks for it: torch's AdamW reads a
+        per-parameter `step` tensor (on the device when fused or capturable), apex's FusedAdam
+        `group["step"]`; each ignores the other, and a missed one restarts bias correction."""
+        self.adam_steps = step_count
+        on_device = bool(self.adam.defaults.get("fused") or self.adam.defaults.get("capturable"))
+        for pc in self.pieces:
+            self.adam.state[pc.master]["step"] = torch.tensor(
+                float(step_count), dtype=torch.float32, device=pc.master.device if on_device else "cpu")
+        for group in self.adam.param_groups:
+            old = group.get("step")
+            if isinstance(old, torch.Tensor):  # FusedAdam(capturable=True) keeps a device tensor
+                old.fill_(step_count)
+            else:
+                group["step"] = step_count
