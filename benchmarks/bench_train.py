@@ -43,8 +43,17 @@ runs in a single process only (no torchrun).
 
 Output (rank 0 only): a header (device, torch, git commit, date, the exact command), one line per
 configuration, and a markdown table to paste into benchmarks/RESULTS.md.
-Multi-GPU caveat: an OOM on one rank only (e.g. the first pipeline stage) leaves the other ranks
-waiting in a collective; OOM recovery is reliable on one GPU.
+
+Out of memory with several ranks. An OOM on one rank only (say the first pipeline stage) must not
+let that rank skip ahead while its peers wait in a collective. So every rank meets after building
+the model and after every step, OOM or not: one MAX all-reduce of an OOM flag on a separate gloo
+group (CPU, outside the timed interval), after which either all ranks report the configuration as
+OOM or none does. A rank that ran out in the middle of a step may leave its peers inside one of
+that step's collectives, which no later message can release; they never reach the meeting, so
+after --oom-wait seconds the ranks waiting there print one `error:` line and exit (status 3), and
+torchrun stops the rest: a clear failure instead of a hang. Because ranks that ran out at
+different points may leave unmatched messages on the NCCL communicator, a multi-rank sweep stops
+at its first OOM configuration (the smaller sizes before it are reported); one GPU goes on.
 """
 
 from __future__ import annotations
@@ -112,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--profile", metavar="DIR", help="profile 3 steps per configuration; chrome traces into DIR")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     g.add_argument("--matmul-size", type=int, help="side of the ceiling matmul (default 8192 on CUDA, 512 on CPU)")
+    g.add_argument("--oom-wait", type=float, default=300.0, metavar="SECONDS",
+                   help="with several ranks: how long the ranks that finished a step (or ran out of memory in it) "
+                        "wait for the others before stopping every rank (default 300)")
     return p.parse_args(argv)
 
 
@@ -130,6 +142,8 @@ def check_args(args) -> None:
         raise ConfigError(f"--warmup must be >= 0 and --iters > 0, got {args.warmup} and {args.iters}")
     if args.seq_length <= 0:
         raise ConfigError(f"--seq-length must be positive, got {args.seq_length}")
+    if not args.oom_wait > 0:
+        raise ConfigError(f"--oom-wait must be positive, got {args.oom_wait}")
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -233,24 +247,32 @@ def release_memory(device: torch.device) -> None:
 
 
 def is_oom(exc: BaseException, device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """torch.OutOfMemoryError anywhere; on CUDA also errors that say "out of memory" (cuBLAS, NCCL)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return device.type == "cuda" and "out of memory" in str(exc).lower()
 
 
 # ---- measurement ---------------------------------------------------------------------------------
-def time_steps(step, device: torch.device, warmup: int, iters: int):
-    """(seconds of each timed step, value of the last step); the device is idle when each timer starts."""
+def time_steps(step, device: torch.device, warmup: int, iters: int, meet=None):
+    """(seconds of each timed step, value of the last step); the device is idle when each timer starts.
+    meet(fn) runs each step (meet: OOMMeeting.run); its own work falls outside the timed interval."""
+    meet = meet or (lambda fn: fn())
+
+    def timed():
+        start = time.perf_counter()
+        out = step()
+        sync(device)
+        return out, time.perf_counter() - start
+
     value = None
     for _ in range(warmup):
-        value = step()
+        value = meet(step)
     sync(device)
     times = []
     for _ in range(iters):
-        start = time.perf_counter()
-        value = step()
-        sync(device)
-        times.append(time.perf_counter() - start)
+        value, seconds = meet(timed)
+        times.append(seconds)
     return times, value
 
 
@@ -328,44 +350,86 @@ def kernel_table(prof, device: torch.device, tag: str) -> str:
     return "\n".join(lines)
 
 
-def agree_over_ranks(device: torch.device, oom: bool, peak_gb: float):
-    """(any rank OOM, max peak GB over ranks): one MAX all-reduce every rank joins."""
-    t = torch.tensor([1.0 if oom else 0.0, peak_gb], dtype=torch.float64, device=device)
+def max_over_ranks(device: torch.device, value: float) -> float:
+    """The maximum of `value` over ranks (peak memory): one MAX all-reduce every rank joins."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t[0].item()), float(t[1].item())
+    return float(t.item())
+
+
+class StepOOM(Exception):
+    """Some rank ran out of memory; raised on every rank at the same meeting."""
+
+
+class OOMMeeting:
+    """Where every rank meets after each model build and each step, out of memory or not.
+
+    The meeting is a MAX all-reduce of an OOM flag on its own gloo group: a rank whose step stopped
+    half-way can never be matched against a collective of that step that its peers are still in.
+    Ranks that wait there longer than `wait_s` exit (see the module docstring)."""
+
+    def __init__(self, device: torch.device, wait_s: float):
+        self.device, self.wait_s, self.group = device, wait_s, None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))
+
+    def run(self, fn):
+        """fn()'s value; StepOOM on every rank when fn ran out of memory on any rank."""
+        oom, value = False, None
+        try:
+            value = fn()
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is recovered from
+            if not is_oom(exc, self.device):
+                raise
+            oom = True  # raised below, outside this handler: the traceback's tensors are freed now
+        if self.any_rank(oom):
+            raise StepOOM()
+        return value
+
+    def any_rank(self, oom: bool) -> bool:
+        if self.group is None:
+            return oom
+        flag = torch.tensor([1 if oom else 0], dtype=torch.int32)
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        except RuntimeError:  # a peer is still inside a collective of the step and never comes
+            what = "ran out of memory in the middle of a step" if oom else "finished a step"
+            print(f"error: rank {dist.get_rank()} {what}, but other ranks did not reach the end of that step within "
+                  f"--oom-wait {self.wait_s:g}s (they wait inside one of its collectives); stopping every rank "
+                  f"instead of hanging: rerun without the micro-batch size that ran out", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(3)
+        return bool(flag.item())
 
 
 # ---- the two frameworks --------------------------------------------------------------------------
-def bench_megaglot(args, model_cfg, parallel_cfg, train_cfg, device: torch.device) -> dict:
+def bench_megaglot(args, model_cfg, parallel_cfg, train_cfg, device: torch.device, meeting: OOMMeeting) -> dict:
+    """One configuration; {"oom": True} on every rank when any rank ran out of memory."""
     result = {"framework": "megaglot", "micro": train_cfg.micro_batch_size, "global": train_cfg.global_batch_size}
     run = microbatches = None
-    oom = False
     release_memory(device)
     try:
-        run = build_run(model_cfg, dataclasses.replace(parallel_cfg), train_cfg, device)
+        run = meeting.run(lambda: build_run(model_cfg, dataclasses.replace(parallel_cfg), train_cfg, device))
         microbatches = synthetic_microbatches(train_cfg, run.num_microbatches, model_cfg.vocab_size,
                                               seed=args.seed + state.get_data_parallel_rank())
 
         def step():
             return train_step(run, microbatches)["loss"]
 
-        result["times"], result["loss"] = time_steps(step, device, args.warmup, args.iters)
+        result["times"], result["loss"] = time_steps(step, device, args.warmup, args.iters, meeting.run)
         result["peak_gb"] = _peak_memory_gb(device)
         if args.profile:
-            profile_steps(step, device, args.profile,
+            profile_steps(lambda: meeting.run(step), device, args.profile,
                           f"megaglot_mb{train_cfg.micro_batch_size}_rank{dist.get_rank()}")
-    except Exception as exc:  # noqa: BLE001 - only CUDA OOM is recovered from
-        if not is_oom(exc, device):
-            raise
-        oom = True
+    except StepOOM:
+        result["oom"] = True
     finally:
         run = microbatches = None
         release_memory(device)
-    oom, peak = agree_over_ranks(device, oom, result.get("peak_gb", 0.0))
-    if oom:
-        return {**result, "oom": True}
-    return {**result, "oom": False, "peak_gb": peak}
+    if result.get("oom"):
+        return result
+    return {**result, "oom": False, "peak_gb": max_over_ranks(device, result["peak_gb"])}
 
 
 def build_hf_model(model_cfg, dtype: torch.dtype, device: torch.device, recompute=None):
@@ -563,11 +627,16 @@ def run_benchmark(args, model_cfg, sizes: list, device: torch.device) -> int:
         f"{H100_BF16_PEAK / 1e12:.0f} TFLOP/s (H100 SXM dense BF16)\n")
 
     results = []
-    for train_cfg in train_cfgs:
-        r = summarize(bench_megaglot(args, model_cfg, parallel_cfg, train_cfg, device), model_cfg,
+    meeting = OOMMeeting(device, args.oom_wait)
+    for i, train_cfg in enumerate(train_cfgs):
+        r = summarize(bench_megaglot(args, model_cfg, parallel_cfg, train_cfg, device, meeting), model_cfg,
                       args.seq_length, world, device, ceiling)
         say(result_line(r))
         results.append(r)
+        if r["oom"] and world > 1 and i + 1 < len(train_cfgs):
+            say(f"stopping the sweep after an OOM with {world} ranks (collectives may be left unmatched); not run: "
+                f"micro-batch {', '.join(str(c.micro_batch_size) for c in train_cfgs[i + 1:])}")
+            break
     if args.compare == "hf":
         say("\nhf: transformers GPTNeoXForCausalLM, attn_implementation=sdpa, vocabulary = megaglot's padded "
             f"{model_cfg.padded_vocab_size}, {args.precision} parameters, AdamW(fused) states in {args.precision}, "

@@ -303,6 +303,8 @@ class TrainConfig:
     """Print a greedy continuation of this prompt at the end."""
     generate_tokens: int = 24
     """Tokens generated for generate_prompt."""
+    distributed_timeout_minutes: float = 10.0
+    """How long a collective waits for its peers (raise it when loading a 12.8B checkpoint or building indices)."""
 
     def validate(self, data_parallel_size: int) -> int:
         """Number of microbatches per step; a clear error when the batch sizes do not fit."""
@@ -317,6 +319,8 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.train_iters <= 0:
             raise ConfigError(f"--train-iters must be positive, got {self.train_iters}")
+        if not self.distributed_timeout_minutes > 0:
+            raise ConfigError(f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ConfigError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
         return self.global_batch_size // per_step
