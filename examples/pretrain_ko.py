@@ -40,6 +40,9 @@ def parse_args(argv=None):
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--no-overlap-grad-reduce", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="how long a collective waits for its peers (default 10; raise it when --load of a large "
+                        "checkpoint or building data indices on rank 0 takes longer)")
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=16)
@@ -128,25 +131,81 @@ def build_configs(args, world: int):
         data_cache_dir=args.data_cache_dir, save=args.save or (os.path.join(ROOT, "checkpoints", "demo") if demo else None),
         save_interval=args.save_interval, load=args.load, no_load_optim=args.no_load_optim,
         tensorboard_dir=args.tensorboard_dir or (os.path.join(ROOT, "runs", "demo") if demo else None),
-        generate_prompt=args.generate_prompt or ("대한민국의 수도는" if demo else None))
+        generate_prompt=args.generate_prompt or ("대한민국의 수도는" if demo else None),
+        distributed_timeout_minutes=args.distributed_timeout_minutes)
     return model, parallel, train, demo
 
 
-def prepare_demo_data(train, model):
-    """Preprocess the bundled corpus once (rank 0), with a tokenizer trained on it."""
-    import torch.distributed as dist
+def _demo_paths(out: str):
+    """(dataset prefix, tokenizer.json) that ensure_preprocessed(DEMO_CORPUS, out) writes."""
+    from megaglot.data.preprocess import output_prefix_for
+
+    return output_prefix_for(out, "text"), os.path.join(os.path.dirname(os.path.abspath(out)), "tokenizer.json")
+
+
+def _prepare_demo(out: str, vocab_size: int):
+    """(sha256 of .bin, .idx and tokenizer, error or None): preprocess into `out` unless already there."""
+    import hashlib
 
     from megaglot.data.preprocess import ensure_preprocessed
 
-    prefix = tok = None
-    if dist.get_rank() == 0:
-        prefix, tok = ensure_preprocessed(DEMO_CORPUS, os.path.join(DEMO_CACHE, f"v{model.vocab_size}", "ko_sample"),
-                                          vocab_size=model.vocab_size, lang="ko")
-    shared = [prefix, tok]
-    dist.broadcast_object_list(shared, src=0)
-    train.data_path, train.tokenizer = [shared[0]], shared[1]
-    train.data_cache_dir = DEMO_CACHE
+    try:
+        prefix, tok = ensure_preprocessed(DEMO_CORPUS, out, vocab_size=vocab_size, lang="ko")
+        digests = []
+        for path in (prefix + ".bin", prefix + ".idx", tok):
+            with open(path, "rb") as f:
+                digests.append(hashlib.sha256(f.read()).hexdigest())
+        return digests, None
+    except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+        return None, f"preparing the demo data from {DEMO_CORPUS} into {out}: {type(e).__name__}: {e}"
+
+
+def prepare_demo_data(train, model, cache: str = DEMO_CACHE):
+    """Preprocess the bundled corpus (with a tokenizer trained on it) for every node.
+
+    Rank 0 prepares it first. Then the first rank of each other node (LOCAL_RANK 0) reuses the
+    files when its filesystem shows them (`cache` shared) or writes its node's own copy (`cache`
+    node-local), so one process at most writes on any filesystem. Preparation is deterministic, and
+    each node's files are checked against rank 0's sha256, so every node trains on identical bytes.
+    """
+    import torch.distributed as dist
+
+    from megaglot.config import ConfigError
+
+    out = os.path.join(cache, f"v{model.vocab_size}", "ko_sample")
+    rank = dist.get_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    first = [_prepare_demo(out, model.vocab_size) if rank == 0 else None]
+    dist.broadcast_object_list(first, src=0)  # also a barrier: rank 0's files are complete
+    reference, error = first[0]
+    if error is None and local_rank == 0 and rank != 0:
+        digests, error = _prepare_demo(out, model.vocab_size)
+        if error is None and digests != reference:
+            error = (f"the demo data in {out} on the node of rank {rank} differs from rank 0's (sha256 of "
+                     f".bin/.idx/tokenizer.json); delete {cache} on that node and rerun")
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)  # every node's copy is complete before any rank reads it
+    error = next((e for e in errors if e), None)
+    if error:
+        raise ConfigError(error)
+    prefix, tok = _demo_paths(out)
+    train.data_path, train.tokenizer = [prefix], tok
+    train.data_cache_dir = cache
     train.split = "90,10,0"
+
+
+def check_layout(model, parallel, world_size: int) -> None:
+    """Refuse a layout that does not fit the world before anything is printed or prepared (the banner
+    then states a DP size that exists), naming the flags to change."""
+    from megaglot.config import ConfigError
+
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if tp > 0 and pp > 0 and world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp} "
+                          f"(--tensor-model-parallel-size {tp}, --pipeline-model-parallel-size {pp}); start a "
+                          f"multiple of {tp * pp} processes (torchrun --nproc_per_node x --nnodes) or choose "
+                          f"sizes whose product divides {world_size}")
+    parallel.validate(model, world_size)  # sets data_parallel_size
 
 
 def main(argv=None) -> int:
@@ -156,10 +215,11 @@ def main(argv=None) -> int:
     from megaglot.training import init_distributed, pretrain, shutdown
 
     try:
-        init_distributed()
+        init_distributed(args.distributed_timeout_minutes)
         import torch.distributed as dist
 
         model, parallel, train, demo = build_configs(args, dist.get_world_size())
+        check_layout(model, parallel, dist.get_world_size())
         if demo:
             prepare_demo_data(train, model)
         tokenizer = None
@@ -170,7 +230,7 @@ def main(argv=None) -> int:
                                   f"vocabulary is {model.vocab_size}")
         if dist.get_rank() == 0:
             print(f"megaglot: {model.name} ({model.num_parameters():,} parameters), TP={parallel.tensor_model_parallel_size} "
-                  f"PP={parallel.pipeline_model_parallel_size} DP={dist.get_world_size() // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)}, "
+                  f"PP={parallel.pipeline_model_parallel_size} DP={parallel.data_parallel_size}, "
                   f"{train.precision}, {train.train_iters} iterations of {train.global_batch_size} x {train.seq_length} tokens",
                   flush=True)
         pretrain(model, parallel, train, tokenizer=tokenizer)

@@ -6,7 +6,6 @@ Launched once per rank by torchrun. NCCL on CUDA, gloo on CPU, chosen automatica
 from __future__ import annotations
 
 import math
-import os
 import random
 import resource
 import sys
@@ -22,6 +21,7 @@ from megaglot.checkpoint.training_state import load_checkpoint, save_checkpoint
 from megaglot.config import EOD_TOKEN_ID, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megaglot.data.blending import parse_data_paths, read_sidecar
 from megaglot.data.gpt_dataset import build_train_valid_test_datasets, make_batches
+from megaglot.data.text import decode_new_tokens
 from megaglot.model import build_model_chunks, masked_mean
 from megaglot.optim.grad_buffer import GradBuffer
 from megaglot.optim.grad_scaler import DynamicGradScaler, scale_loss_gradient
@@ -29,8 +29,10 @@ from megaglot.optim.optimizer import Optimizer, OptimizerConfig
 from megaglot.optim.schedule import LRSchedule
 from megaglot.parallel import state
 from megaglot.parallel.comm import all_gather_last_dim
+from megaglot.parallel.launch import init_distributed
 from megaglot.parallel.random import model_parallel_seed
 from megaglot.pipeline.schedules import forward_backward
+from megaglot.progress import StepLog
 
 H100_BF16_PEAK = 989e12  # datasheet dense BF16 FLOP/s of an H100 SXM (DESIGN.md)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,22 +42,6 @@ def model_flops_per_iteration(cfg: ModelConfig, batch: int, seq: int) -> float:
     """Narayanan et al. (2021): 72 B s L h^2 (1 + s/(6h) + V/(12 L h)); recomputation not counted."""
     h, L, V = cfg.hidden_size, cfg.num_layers, cfg.padded_vocab_size
     return 72.0 * batch * seq * L * h * h * (1.0 + seq / (6.0 * h) + V / (12.0 * L * h))
-
-
-def init_distributed() -> torch.device:
-    """torch.distributed from torchrun's environment (a world of one when run directly)."""
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def log0(msg: str) -> None:
@@ -238,8 +224,10 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
 
     datasets: (train, valid, test) map-style datasets, or None to build them from train_cfg.data_path.
     """
-    device = init_distributed()
+    device = init_distributed(train_cfg.distributed_timeout_minutes)
+    startup = StepLog("start-up")  # rank 0, stderr: one line per step up to the first iteration, time so far
     run = build_run(model_cfg, parallel_cfg, train_cfg, device)
+    startup(f"model built, {sum(p.numel() for c in run.chunks for p in c.parameters()):,} parameters on rank 0")
     cfg = train_cfg
     start_iteration, consumed = 0, 0
     if cfg.load:
@@ -247,8 +235,10 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
                                load_optimizer=not cfg.no_load_optim)
         start_iteration, consumed = meta["iteration"], meta["consumed_samples"]
         log0(f"loaded {cfg.load} at iteration {start_iteration} ({consumed} samples consumed)")
+        startup("checkpoint loaded")
     if datasets is None:
         datasets = build_datasets(run, tokenizer)
+        startup("data indices built")
     train_ds, valid_ds, _ = datasets
     writer = None
     if cfg.tensorboard_dir and dist.get_rank() == dist.get_world_size() - 1:
@@ -269,6 +259,8 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
             raise ConfigError(f"the training data ran out at iteration {iteration}; raise the sample count")
         stats = train_step(run, microbatches)
         iteration += 1
+        if iteration == start_iteration + 1:
+            startup("first step done")
         consumed += cfg.global_batch_size
         losses.append(stats["loss"])
         window_iters += 1
@@ -307,7 +299,7 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
     if cfg.generate_prompt and tokenizer is not None:
         ids = tokenizer.encode(cfg.generate_prompt)
         new = generate_greedy(run, ids, cfg.generate_tokens)
-        log0(f"prompt: {cfg.generate_prompt}\ncontinuation: {tokenizer.decode(new)}")
+        log0(f"prompt: {cfg.generate_prompt}\ncontinuation: {decode_new_tokens(tokenizer, new)}")
         result["generated"] = new
     return result
 

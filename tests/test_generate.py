@@ -85,6 +85,39 @@ def test_sampling_filters():
     assert flat == {0, 1, 2, 3, 4}
 
 
+def test_sampling_generator_follows_the_logits_device(monkeypatch):
+    from megaglot.eval import generation
+    from megaglot.eval.generation import SeededGenerator, make_generator, sample_next
+
+    g = make_generator(7, "cpu")
+    assert g.device == torch.device("cpu") and g.initial_seed() == 7
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    ref = torch.Generator().manual_seed(7)  # what generate() used before: CPU results must not change
+    want = [sample_next(logits, greedy=False, top_k=10, generator=ref).tolist() for _ in range(4)]
+    made = []
+    monkeypatch.setattr(generation, "make_generator",
+                        lambda seed, device: made.append((seed, device)) or make_generator(seed, device))
+    seeded = SeededGenerator(7)
+    assert [sample_next(logits, greedy=False, top_k=10, generator=seeded).tolist() for _ in range(4)] == want
+    assert made == [(7, logits.device)]  # made once, on the logits' device, then one stream reused
+    assert seeded.generator.device == logits.device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_seeded_sampling_on_cuda():
+    from megaglot.eval.generation import SeededGenerator, sample_next
+
+    logits = torch.randn(2, 1000, device="cuda")
+    with pytest.raises(RuntimeError):  # the bug: a CPU generator with CUDA probabilities
+        torch.multinomial(torch.softmax(logits, -1), 1, generator=torch.Generator().manual_seed(3))
+    seeded = SeededGenerator(3)
+    a = [sample_next(logits, greedy=False, top_p=0.9, generator=seeded) for _ in range(3)]
+    assert a[0].device.type == "cuda" and seeded.generator.device.type == "cuda"
+    other = SeededGenerator(3)
+    b = [sample_next(logits, greedy=False, top_p=0.9, generator=other) for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # reproducible from the seed
+
+
 def test_generate_cli_from_a_checkpoint_and_its_errors(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     from megaglot.checkpoint.convert import import_hf
@@ -105,7 +138,11 @@ def test_generate_cli_from_a_checkpoint_and_its_errors(tmp_path, monkeypatch, ca
     ids = tok.encode(prompt)
     new = _hf_greedy(hf, [ids], 8, eos=tok.eod)[0]
     new = new[:new.index(tok.eod)] if tok.eod in new else new
-    assert out.out.rstrip("\n").endswith(prompt + tok.decode(new))
+    from megaglot.data.text import decode_new_tokens
+
+    assert "\ufffd" in tok.decode(new)  # this continuation splits characters across byte-level tokens...
+    assert out.out.rstrip("\n").endswith(prompt + decode_new_tokens(tok, new))  # ...printed whole (issue 21)
+    assert "\ufffd" not in out.out and "generating:" in out.err and "generating" not in out.out
 
     def fails(argv, message):
         assert tool.main(argv) == 2

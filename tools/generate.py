@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--attention-backend", default=None, choices=["torch", "sdpa", "fused"])
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (tokens generated, on stderr, rank 0); the text still goes to stdout")
     return p.parse_args(argv)
 
 
@@ -95,6 +97,8 @@ def run(args) -> list:
     import torch.distributed as dist
 
     from megaglot.eval.generation import generate
+    from megaglot.data.text import decode_new_tokens
+    from megaglot.progress import progress
     from megaglot.eval.loading import EvalError, init_parallel, load_inference_model, load_tokenizer_for
     from megaglot.training import init_distributed
 
@@ -114,12 +118,14 @@ def run(args) -> list:
             ids = [tokenizer.eod]
         if len(ids) >= model.cfg.max_position_embeddings:
             raise EvalError(f"the prompt has {len(ids)} tokens; the model holds {model.cfg.max_position_embeddings}")
-        (new,) = generate(model.chunks, model.cfg, [ids], args.max_new_tokens, greedy=args.greedy,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eod=tokenizer.eod,
-                          seed=args.seed, use_cache=not args.no_kv_cache, device=device)
+        with progress(min(args.max_new_tokens, model.cfg.max_position_embeddings - len(ids)), "generating",
+                      unit="tok", quiet=args.quiet) as bar:
+            (new,) = generate(model.chunks, model.cfg, [ids], args.max_new_tokens, greedy=args.greedy,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eod=tokenizer.eod,
+                              seed=args.seed, use_cache=not args.no_kv_cache, device=device, bar=bar)
         if new and tokenizer.eod is not None and new[-1] == tokenizer.eod:
             new = new[:-1]
-        completion = tokenizer.decode(new)
+        completion = decode_new_tokens(tokenizer, new)  # whole sequence: no U+FFFD for split characters
         outputs.append(completion)
         if rank0:
             print(text + completion, flush=True)

@@ -9,7 +9,7 @@ which is the reference the cache is tested against.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -20,9 +20,30 @@ from megaglot.parallel import state
 from megaglot.parallel.comm import all_gather_last_dim
 
 
+def make_generator(seed: int, device) -> torch.Generator:
+    """A torch.Generator seeded with `seed` on `device`: torch.multinomial rejects one on another device."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class SeededGenerator:
+    """A seed whose generator is made on the device of the first logits sampled (the model's device,
+    which generate() learns only then) and reused after, so a seeded run draws one stream on any device."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generator: Optional[torch.Generator] = None
+
+    def on(self, device) -> torch.Generator:
+        if self.generator is None:
+            self.generator = make_generator(self.seed, device)
+        return self.generator
+
+
 def sample_next(logits: torch.Tensor, *, greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids `[b]` from float logits `[b, V]` (the real vocabulary only)."""
+                top_p: float = 1.0,
+                generator: Optional[Union[torch.Generator, SeededGenerator]] = None) -> torch.Tensor:
+    """Next token ids `[b]` from float logits `[b, V]` (the real vocabulary only); a SeededGenerator
+    makes its generator on the logits' device."""
     if greedy or temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -38,6 +59,8 @@ def sample_next(logits: torch.Tensor, *, greedy: bool = True, temperature: float
         remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if isinstance(generator, SeededGenerator):
+        generator = generator.on(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -64,10 +87,11 @@ def _last_logits(chunk, tokens: torch.Tensor, cfg: ModelConfig, cache: Optional[
 def generate(chunks, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eod: Optional[int] = None, seed: Optional[int] = None, use_cache: bool = True,
-             device=None) -> List[List[int]]:
+             device=None, bar=None) -> List[List[int]]:
     """New tokens for each prompt (up to max_new_tokens; the end token `eod` is included when it is
     generated, and ends that sequence). Prompts of different lengths run one after another.
-    Generation also stops at the model's max_position_embeddings."""
+    Generation also stops at the model's max_position_embeddings. `bar` (a megaglot.progress bar)
+    advances by one per step."""
     check_generation_layout()
     if len(chunks) != 1:
         raise ValueError("generation needs the whole model on this rank (one chunk, PP = 1)")
@@ -79,16 +103,16 @@ def generate(chunks, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new
     if any(not p for p in prompts):
         raise ValueError("an empty prompt: give at least one token")
     if len({len(p) for p in prompts}) > 1:
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = SeededGenerator(seed) if seed is not None else None
         return [_generate(chunks[0], cfg, [p], max_new_tokens, greedy, temperature, top_k, top_p, eod,
-                          generator, use_cache, device)[0] for p in prompts]
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+                          generator, use_cache, device, bar)[0] for p in prompts]
+    generator = SeededGenerator(seed) if seed is not None else None
     return _generate(chunks[0], cfg, prompts, max_new_tokens, greedy, temperature, top_k, top_p, eod, generator,
-                     use_cache, device)
+                     use_cache, device, bar)
 
 
 def _generate(chunk, cfg, prompts, max_new_tokens, greedy, temperature, top_k, top_p, eod, generator,
-              use_cache, device):
+              use_cache, device, bar=None):
     chunk.eval()
     device = device or torch.device("cpu")
     b, n = len(prompts), len(prompts[0])
@@ -114,6 +138,8 @@ def _generate(chunk, cfg, prompts, max_new_tokens, greedy, temperature, top_k, t
         for i in range(b):
             if not done[i]:
                 new[i].append(int(nxt[i]))
+        if bar is not None:
+            bar.update(1)
         if eod is not None:
             done |= nxt == eod
             if bool(done.all()):
@@ -124,4 +150,4 @@ def _generate(chunk, cfg, prompts, max_new_tokens, greedy, temperature, top_k, t
     return new
 
 
-__all__ = ["generate", "sample_next", "check_generation_layout"]
+__all__ = ["generate", "sample_next", "check_generation_layout", "make_generator", "SeededGenerator"]
