@@ -6,21 +6,32 @@ PIP    := $(PY) -m pip
 # CPU wheel of torch unless a CUDA torch is already in the venv (then it is left alone).
 TORCH_SPEC ?= torch==2.13.0
 export CFLAGS ?= -g0
+PACKAGES := numpy pybind11 ninja regex tensorboard safetensors tokenizers tqdm pytest transformers pyarrow
+, := ,
 
 .PHONY: setup test demo clean nvcc-check
 
+LOG    := $(VENV)/setup.log
+# $(call step,what it does,command): one line "setup: what ... done in N s". pip's and the compiler's
+# output goes to $(LOG) (this machine's pip warns about every ignored index location); on failure the
+# tail of the log is shown, less those warnings, and make stops with the command's exit status.
+step = @printf 'setup: %s ...' "$(1)"; t0=$$(date +%s); \
+	if ( $(2) ) >>$(LOG) 2>&1; then echo " done in $$(( $$(date +%s) - t0 )) s"; \
+	else rc=$$?; echo " FAILED after $$(( $$(date +%s) - t0 )) s; the end of $(LOG):"; \
+	grep -v 'WARNING: Location .* is ignored' $(LOG) | tail -n 40; exit $$rc; fi
+
 $(VENV)/.stamp-deps: Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
-		echo "keeping the CUDA torch already installed"; \
-	else $(PIP) install -q "$(TORCH_SPEC)"; fi
-	$(PIP) install -q numpy pybind11 ninja regex tensorboard safetensors tokenizers pytest transformers pyarrow
-	touch $@
+	@mkdir -p $(VENV) && : > $(LOG)
+	$(call step,creating the environment $(VENV),$(PYTHON) -m venv $(VENV) && $(PIP) install -q --upgrade pip)
+	$(call step,installing torch ($(TORCH_SPEC) CPU wheel; a CUDA torch already here is kept),\
+		$(PY) -c "import torch$(,) sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)")
+	$(call step,installing the other packages ($(PACKAGES)),$(PIP) install -q $(PACKAGES))
+	@touch $@
 
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
-	touch $@
+	$(call step,building the C++ extension megaglot._C (takes minutes on 2 cores),\
+		$(PIP) install -q --no-build-isolation --no-deps -e .)
+	@touch $@
 
 setup: $(VENV)/.stamp-build
 

@@ -45,7 +45,7 @@ setup(
     packages=find_packages(include=["megaglot", "megaglot.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.3", "numpy", "pybind11", "ninja", "regex", "tensorboard", "safetensors",
-                      "tokenizers"],
+                      "tokenizers", "tqdm"],
     extras_require={"test": ["pytest", "transformers"], "eval": ["lm-eval"]},
     ext_modules=[extension()],
     # lm-eval has no plugin hook: this launcher imports the adapter (registering "megaglot") first.

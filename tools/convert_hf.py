@@ -2,7 +2,7 @@
 """Hugging Face GPT-NeoX (Polyglot-Ko) <-> megaglot checkpoint: the command-line face of
 megaglot.checkpoint.convert. Runs on CPU, no torch.distributed, one tensor at a time.
 
-    python tools/convert_hf.py import --hf-dir polyglot-ko-1.3b --save ckpt/ko-1.3b \
+    python tools/convert_hf.py import --hf-dir polyglot-ko-1.3b --save ckpt/ko-1.3b \\
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 [--num-layers-per-virtual-pipeline-stage K]
     python tools/convert_hf.py export --load ckpt/ko-1.3b --hf-dir out/ko-1.3b-hf --tokenizer polyglot-ko-1.3b
 """
@@ -19,10 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megaglot.checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, export_hf, import_hf  # noqa: E402
 from megaglot.checkpoint.format import CheckpointError  # noqa: E402
 from megaglot.config import ConfigError  # noqa: E402
+from megaglot.progress import write  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors (no progress bar on stderr, no summary lines on stdout)")
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="Hugging Face directory -> megaglot checkpoint (iteration 0)")
     imp.add_argument("--hf-dir", required=True,
@@ -49,17 +52,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def log(msg):
-        print(msg, flush=True)
+        if not args.quiet:
+            write(msg)  # stdout, without tearing the progress bar on stderr
 
     start = time.time()
     try:
         if args.command == "import":
             out = import_hf(args.hf_dir, args.save, args.tensor_model_parallel_size,
                             args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage,
-                            vocab_size=args.vocab_size, log=log)
+                            vocab_size=args.vocab_size, log=log, quiet=args.quiet)
         else:
             out = export_hf(args.load, args.hf_dir, args.tokenizer,
-                            max_shard_bytes=int(args.max_shard_size_mb * 2 ** 20), log=log)
+                            max_shard_bytes=int(args.max_shard_size_mb * 2 ** 20), log=log, quiet=args.quiet)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

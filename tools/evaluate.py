@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """KOBEST few-shot evaluation (accuracy, macro F1) and perplexity of a megaglot checkpoint.
 
-    python tools/evaluate.py --load ckpt/run --data-dir kobest/ \
-        --tasks kobest_copa,kobest_hellaswag,kobest_boolq,kobest_sentineg,kobest_wic \
+    python tools/evaluate.py --load ckpt/run --data-dir kobest/ \\
+        --tasks kobest_copa,kobest_hellaswag,kobest_boolq,kobest_sentineg,kobest_wic \\
         --num-fewshot 5 --batch-size 8 --seed 1234
-    torchrun --nproc_per_node 4 tools/evaluate.py --load ckpt/run --data-dir kobest/ --tasks kobest_copa \
+    torchrun --nproc_per_node 4 tools/evaluate.py --load ckpt/run --data-dir kobest/ --tasks kobest_copa \\
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
     python tools/evaluate.py --hf-dir polyglot-ko-1.3b --ppl-data data/ko_text_document --seq-length 2048
 
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="perplexity window (default: min(2048, max_position_embeddings))")
     p.add_argument("--ppl-max-tokens", type=int, default=None, help="stop perplexity after this many tokens")
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (progress goes to stderr on rank 0; results to stdout and --output)")
     args = p.parse_args(argv)
     if not args.tasks and not args.ppl_data:
         p.error("nothing to do: give --tasks (with --data-dir) and/or --ppl-data")
@@ -85,7 +87,7 @@ def run(args) -> dict:
     say(f"loaded {model.source} ({model.cfg.num_layers} layers, hidden {model.cfg.hidden_size}) at "
         f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size}")
     scorer = Scorer(model.chunks, model.cfg, device=device, dtype=model.dtype, batch_size=args.batch_size,
-                    max_length=args.max_length)
+                    max_length=args.max_length, show_progress=not args.quiet)
     out = {"source": model.source, "tasks": [], "perplexity": None}
     if loaded:
         tokenizer = load_tokenizer_for(model)

@@ -7,7 +7,7 @@ Either read a recorded timeline (JSON written by `megaglot.pipeline.timeline.sav
 
 or run a schedule of fixed synthetic cost on CPU gloo and draw that (and optionally save it):
 
-    python tools/plot_schedule.py --pipeline 4 --virtual 2 --microbatches 8 --out schedule.png \
+    python tools/plot_schedule.py --pipeline 4 --virtual 2 --microbatches 8 --out schedule.png \\
         [--forward-ms 20] [--save-json run.json]
 
 One row per pipeline rank, time left to right. Forwards are blue, backwards orange (a lighter

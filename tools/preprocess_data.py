@@ -2,13 +2,14 @@
 """JSONL / text -> Megatron `.bin/.idx` with Korean PII masking: the command-line face of
 megaglot.data.preprocess.
 
-    python tools/preprocess_data.py --input 'corpus/*.jsonl.gz' --output-prefix data/ko \
+    python tools/preprocess_data.py --input 'corpus/*.jsonl.gz' --output-prefix data/ko \\
         --tokenizer polyglot-ko/tokenizer.json --append-eod --workers 8 --lang ko
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 
@@ -43,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="plain text documents: one per line, blank-line separated, or auto-detect")
     p.add_argument("--batch-size", type=int, default=128, help="documents per encode batch")
     p.add_argument("--log-interval", type=float, default=10.0,
-                   help="seconds between progress log lines when not on a terminal")
+                   help="seconds between progress lines on stderr when it is not a terminal (a terminal gets a "
+                        "live bar: input MB read, MB/s, documents, time left)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress, no summary)")
     args = p.parse_args(argv)
     if args.vocab_size is not None and not args.train_tokenizer:
         p.error("--vocab-size only applies with --train-tokenizer")
@@ -56,9 +59,10 @@ def main(argv=None) -> int:
                            tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
                            vocab_size=args.vocab_size, append_eod=args.append_eod, workers=args.workers,
                            lang=args.lang, mask_pii=args.mask_pii, strict=args.strict,
-                           text_split=args.text_split, batch_size=args.batch_size, log_interval=args.log_interval)
+                           text_split=args.text_split, batch_size=args.batch_size, log_interval=args.log_interval,
+                           quiet=args.quiet)
     try:
-        preprocess(cfg)
+        preprocess(cfg, log=io.StringIO() if args.quiet else sys.stderr)
     except (PreprocessError, TokenizerError, IndexedDatasetError) as error:
         print(f"preprocess_data.py: error: {error}", file=sys.stderr)
         return 2

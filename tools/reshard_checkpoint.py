@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megaglot.checkpoint.format import CheckpointError  # noqa: E402
 from megaglot.checkpoint.reshard import reshard  # noqa: E402
 from megaglot.config import ConfigError  # noqa: E402
+from megaglot.progress import write  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the plain optimizer's state is written once whatever this is")
     p.add_argument("--verify", action="store_true",
                    help="reread source and target and compare every full tensor bit for bit")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors (no progress bar on stderr, no summary lines on stdout)")
     return p.parse_args(argv)
 
 
@@ -44,12 +46,12 @@ def main(argv=None) -> int:
 
     def log(msg):
         if not args.quiet:
-            print(msg, flush=True)
+            write(msg)  # stdout, without tearing the progress bar on stderr
 
     try:
         reshard(args.load, args.save, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                 args.target_num_layers_per_virtual_pipeline_stage, dp=args.target_data_parallel_size,
-                verify=args.verify, log=log)
+                verify=args.verify, log=log, quiet=args.quiet)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,17 +6,16 @@
 No process groups: the target TP/PP ranks are iterated here and each full tensor is cut with
 `sharding.shard`. Memory stays near one tensor (plus its TP shards), whatever the model size:
 
-- import reads one source tensor at a time (safetensors through `safe_open`; `.bin` files through
-  `torch.load(mmap=True, weights_only=True)`, one shard file open at a time) and streams each TP
-  shard straight into its part file. A part (`model_tpXX_ppYY`, one per target TP/PP shard: that stage's layers
-  over all its virtual chunks, the embedding on the first stage, final norm and output layer on
-  the last) is a safetensors file whose header is planned from the source's shapes and dtypes
-  before any data is read, so nothing accumulates. Every check (config, layout, missing, unexpected and
-  misshapen tensors) runs before the first byte is written; the checkpoint is staged and
-  published (`latest` last), so a failure never leaves a partial checkpoint behind.
-- export assembles one full tensor at a time from a checkpoint of any layout and streams it into
-  Hugging Face safetensors files of at most `max_shard_bytes` each (one file, or several with
-  `model.safetensors.index.json`), in a staging directory renamed into place at the end.
+- import reads one source tensor at a time (safetensors via `safe_open`; `.bin` via `torch.load(mmap=True,
+  weights_only=True)`, one shard file open at a time) and streams each TP shard into its part file
+  (`model_tpXX_ppYY`: that stage's layers over all its virtual chunks, the embedding on the first stage, final
+  norm and output layer on the last), a safetensors file whose header is planned from the source's shapes and
+  dtypes before any data is read. Every check (config, layout, missing, unexpected and misshapen tensors) runs
+  before the first byte is written; the checkpoint is staged and published (`latest` last), so a failure never
+  leaves a partial checkpoint behind.
+- export assembles one full tensor at a time from a checkpoint of any layout and streams it into Hugging Face
+  safetensors files of at most `max_shard_bytes` each (one file, or several with `model.safetensors.index.json`),
+  in a staging directory renamed into place at the end.
 
 Tensors keep their dtype (Polyglot-Ko ships float16), so HF -> megaglot -> HF is bit-identical.
 """
@@ -39,6 +38,7 @@ from megaglot.checkpoint.sharding import shard
 from megaglot.checkpoint.streaming import (TORCH_DTYPES, StreamingPart, StreamingSafetensors, numel,
                                            parameter_specs, stage_names)
 from megaglot.config import ConfigError, ModelConfig, ParallelConfig
+from megaglot.progress import progress
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -163,6 +163,8 @@ class HFWeights:
     def _close(self):
         self._open_file, self._open = None, None
 
+    close = _close
+
     def get(self, name: str) -> torch.Tensor:
         file = self.file_of[name]
         if self.format == "safetensors":
@@ -170,9 +172,6 @@ class HFWeights:
                 return handle.get_tensor(name)
         state = self._open if self._open_file == file else self._load_bin(file)
         return state[name]
-
-    def close(self):
-        self._close()
 
 
 # ---- import ----------------------------------------------------------------------------------
@@ -221,11 +220,11 @@ def _padded(tensor: torch.Tensor, name: str, cfg: ModelConfig) -> torch.Tensor:
 
 
 def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage: Optional[int] = None, *,
-              vocab_size: Optional[int] = None, log=None) -> str:
+              vocab_size: Optional[int] = None, log=None, quiet: bool = False) -> str:
     """Convert a Hugging Face GPT-NeoX directory into a megaglot checkpoint (iteration 0) at TP=tp,
     PP=pp (and `layers_per_virtual_stage` layers per virtual stage). `vocab_size` overrides
     config.json's (Polyglot-Ko's say 30080, the padded size; 30003 is the tokenizer's), keeping
-    the stored rows. Returns the published iteration directory."""
+    the stored rows. Returns the published iteration directory. Progress (bytes, tensors) on stderr."""
     log = log or (lambda msg: None)
     hf_config = _read_config(hf_dir)
     overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
@@ -248,6 +247,9 @@ def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage
     staged = staging_dir(save, 0)
     shutil.rmtree(staged, ignore_errors=True)  # a leftover of an interrupted conversion
     writers: List[StreamingPart] = []
+    size = {n: numel(specs[n][0]) * torch.empty((), dtype=weights.meta[sources[n]][1]).element_size() for n in specs}
+    bar = progress(sum(size.values()), "import", unit="B", unit_scale=True, quiet=quiet, items=len(specs),
+                   item_unit="tensors")
     try:
         for pp_rank in range(pp):
             names = stage_names(specs, cfg.num_layers, pp, vp, pp_rank)
@@ -269,6 +271,7 @@ def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage
                 for tp_rank, writer in enumerate(writers):
                     writer.write(MODEL, name, shard(full, dim, tp, tp_rank))
                 del full
+                bar.advance(size[name])
             for writer in writers:
                 writer.close()
             log(f"stage {pp_rank + 1}/{pp}: {len(names)} tensors x {tp} TP shards written")
@@ -281,6 +284,7 @@ def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage
                        optimizer=None, scheduler=None, grad_scaler=None,
                        source={"hf_dir": os.path.abspath(hf_dir), "format": weights.format})
     except BaseException:
+        bar.close()
         for writer in writers:
             writer.abort()
         shutil.rmtree(staged, ignore_errors=True)
@@ -310,7 +314,7 @@ def _copy_tokenizer(tokenizer: str, out: str) -> List[str]:
 
 
 def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=None) -> str:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=None, quiet: bool = False) -> str:
     """Write the model of megaglot checkpoint `load` (a root with `latest`, or an iteration
     directory; any layout) as a Hugging Face GPT-NeoX directory `hf_dir` with the vocabulary
     un-padded. `tokenizer`: a tokenizer.json, or a directory whose tokenizer files are copied."""
@@ -355,6 +359,7 @@ def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
     staged = os.path.join(parent, f".{os.path.basename(os.path.abspath(hf_dir))}.export-tmp")
     shutil.rmtree(staged, ignore_errors=True)
     os.makedirs(staged)
+    bar = progress(total, "export", unit="B", unit_scale=True, quiet=quiet, items=len(specs), item_unit="tensors")
     try:
         weight_map = {}
         for file, names in zip(file_names, files):
@@ -366,6 +371,7 @@ def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
                     if name in VOCAB_PADDED:
                         full = full[: cfg.vocab_size]
                     writer.write(hf_name(name), full)
+                    bar.advance(full.numel() * full.element_size())
                     weight_map[hf_name(name)] = file
                     del full
                     reader.release()
@@ -387,6 +393,7 @@ def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
             os.rmdir(hf_dir)  # empty, checked above
         os.replace(staged, hf_dir)
     except BaseException:
+        bar.close()
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return hf_dir

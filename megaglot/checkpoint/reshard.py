@@ -4,29 +4,26 @@
 
 No process groups and no model is built (shapes come from a meta-device model). What is written:
 
-- model pieces: one `model_tpXX_ppYY` part per target TP/PP position (that stage's layers over all
-  its virtual chunks, the embedding on the first stage, final norm and output layer on the last),
-  TP-replicated tensors by TP rank 0 only, exactly as training saves them;
-- optimizer pieces (every non-model kind: fp32 `master`, `exp_avg`, `exp_avg_sq`): one
-  `optim_tpXX_ppYY_dp000` part per position, or, when the source was saved by the distributed
-  optimizer, each position's tensors laid end to end and cut into D contiguous ranges, one
-  `optim_tpXX_ppYY_dpZZZ` part per DP rank (the loader accepts any split);
-- metadata.json: the source's (iteration, consumed samples, scheduler, loss scaler, optimizer step,
-  tokenizer, ...) with the new `parallel` section and a `resharded_from` record. RNG states belong
-  to ranks of one layout: copied when the layout is unchanged, dropped otherwise (the loader then
-  warns that dropout masks will differ).
+- model pieces: one `model_tpXX_ppYY` part per target TP/PP position (that stage's layers over all its virtual
+  chunks, the embedding on the first stage, final norm and output layer on the last), TP-replicated tensors by
+  TP rank 0 only, exactly as training saves them;
+- optimizer pieces (every non-model kind: fp32 `master`, `exp_avg`, `exp_avg_sq`): one `optim_tpXX_ppYY_dp000`
+  part per position, or, when the source was saved by the distributed optimizer, each position's tensors laid end
+  to end and cut into D contiguous ranges, one `optim_tpXX_ppYY_dpZZZ` part per DP rank (any split loads);
+- metadata.json: the source's (iteration, consumed samples, scheduler, loss scaler, optimizer step, tokenizer,
+  ...) with the new `parallel` section and a `resharded_from` record. RNG states belong to ranks of one layout:
+  copied when the layout is unchanged, dropped otherwise (the loader then warns that dropout masks will differ).
 
-Memory stays near one full tensor: each part file's header is planned up front from the source's
-index (names, shapes, dtypes), then every full tensor is assembled once, its TP shards (or DP
-ranges) streamed into the open part files of its stage, and freed before the next; the reader's
-memory maps are dropped after each tensor so their pages leave the resident set.
+Memory stays near one full tensor: each part file's header is planned up front from the source's index (names,
+shapes, dtypes), then every full tensor is assembled once, its TP shards (or DP ranges) streamed into the open
+part files of its stage, and freed before the next; the reader's memory maps are dropped after each tensor so
+their pages leave the resident set.
 
-Every check runs before the first byte is written: the source's tensors against its own model
-config (missing or unexpected names, global shapes and split dimensions, stored sizes, TP shards
-that are incomplete), the target layout against the model (`ParallelConfig.validate`), and the
-save path (never the source or inside it, never over a checkpoint). The target is staged in
-`iter_N.tmp/` and published (`latest` last), so a failure leaves nothing half-written.
-`check_checkpoint` is the same validation for a reader that loads at another layout.
+Every check runs before the first byte is written: the source's tensors against its own model config (missing or
+unexpected names, global shapes and split dimensions, stored sizes, TP shards that are incomplete), the target
+layout against the model (`ParallelConfig.validate`), and the save path (never the source or inside it, never
+over a checkpoint). The target is staged in `iter_N.tmp/` and published (`latest` last), so a failure leaves
+nothing half-written. `check_checkpoint` is the same validation for a reader that loads at another layout.
 """
 
 from __future__ import annotations
@@ -45,6 +42,7 @@ from megaglot.checkpoint.format import (MODEL, CheckpointError, CheckpointReader
 from megaglot.checkpoint.sharding import shard
 from megaglot.checkpoint.streaming import TORCH_DTYPES, StreamingPart, numel, parameter_specs, stage_names
 from megaglot.config import ConfigError, ModelConfig, ParallelConfig
+from megaglot.progress import progress
 
 OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -214,11 +212,12 @@ def _optimizer_plan(names, kinds, specs, dtypes, tp: int, tp_rank: int, dp: int)
 
 
 def reshard(load: str, save: str, tp: int, pp: int, layers_per_virtual_stage: Optional[int] = None,
-            dp: Optional[int] = None, verify: bool = False, log: Optional[Callable[[str], None]] = None) -> str:
-    """Write checkpoint `load` (a root with `latest`, or an iteration directory; any layout) at
-    TP=tp, PP=pp (`layers_per_virtual_stage` layers per virtual stage) and, for the distributed
-    optimizer's shards, DP=dp (default: the source's), into the new root `save`. Returns the
-    published iteration directory. `verify`: reread both and compare every full tensor bit for bit."""
+            dp: Optional[int] = None, verify: bool = False, log: Optional[Callable[[str], None]] = None,
+            quiet: bool = False) -> str:
+    """Write checkpoint `load` (a root with `latest`, or an iteration directory; any layout) at TP=tp, PP=pp
+    (`layers_per_virtual_stage` layers per virtual stage) and, for the distributed optimizer's shards, DP=dp
+    (default: the source's), into the new root `save`. Returns the published iteration directory. `verify`: reread
+    both and compare every full tensor bit for bit. Progress on stderr unless `quiet`."""
     log = log or (lambda msg: None)
     start_time = time.time()
     if not os.path.exists(load):
@@ -255,6 +254,9 @@ def reshard(load: str, save: str, tp: int, pp: int, layers_per_virtual_stage: Op
     shutil.rmtree(staged, ignore_errors=True)  # a leftover of an interrupted reshard into this new root
     os.makedirs(staged)
     writers: List[StreamingPart] = []
+    bar = progress(sum(numel(specs[n][0]) * torch.empty((), dtype=dtypes[(k, n)]).element_size() for k in
+                       [MODEL] + opt_kinds for n in specs), "reshard", unit="B", unit_scale=True, quiet=quiet,
+                   items=len(specs) * (1 + len(opt_kinds)), item_unit="tensors")
     try:
         for pp_rank in range(pp):
             names = stage_names(specs, cfg.num_layers, pp, vp, pp_rank)
@@ -291,6 +293,7 @@ def reshard(load: str, save: str, tp: int, pp: int, layers_per_virtual_stage: Op
                             if e is not None and (e["kind"], e["name"]) == (kind, name):
                                 part.write(kind, name, flat[e["start"]:e["end"]])
                         del flat
+                    bar.advance(full.numel() * full.element_size())
                     del full
                     reader.release()
             for writer in writers:
@@ -314,6 +317,7 @@ def reshard(load: str, save: str, tp: int, pp: int, layers_per_virtual_stage: Op
         new_meta["resharded_from"] = dict(directory=os.path.abspath(source_dir), parallel=meta.get("parallel"))
         write_metadata(staged, **new_meta)
     except BaseException:
+        bar.close()
         for writer in writers:
             writer.abort()
         shutil.rmtree(staged, ignore_errors=True)

@@ -25,6 +25,7 @@ import numpy as np
 from megaglot.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
 from megaglot.data.pii import KINDS, split_pii
 from megaglot.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_summary, train_tokenizer
+from megaglot.progress import progress
 
 SKIP_REASONS = ("malformed_json", "missing_key", "undecodable", "empty")
 MAX_REPORTED_LINES = 5
@@ -65,7 +66,9 @@ class PreprocessConfig:
     batch_size: int = 128
     """Documents per encode batch handed to a worker."""
     log_interval: float = 10.0
-    """Seconds between log lines when stderr is not a terminal."""
+    """Seconds between progress lines when the log stream is not a terminal (a terminal gets a live bar)."""
+    quiet: bool = False
+    """No progress bar (input bytes read, MB/s, documents, time left)."""
 
 
 @dataclass
@@ -264,37 +267,6 @@ def _encode_batch(batch: list[dict]) -> tuple[list[list[np.ndarray]], dict]:
     return [[per_key[key][i] for key in keys] for i in range(len(batch))], total
 
 
-# ---- progress ------------------------------------------------------------------------------------
-
-class _Progress:
-    def __init__(self, total_bytes: int, stream: TextIO, interval: float):
-        self.total, self.stream, self.interval = total_bytes, stream, interval
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.start = self.last = time.perf_counter()
-
-    def line(self, docs: int, done_bytes: int) -> str:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = done_bytes / elapsed
-        eta = (self.total - done_bytes) / rate if rate > 0 and self.total >= done_bytes else 0.0
-        return (f"{docs} docs, {docs / elapsed:.0f} docs/s, {rate / 1e6:.2f} MB/s, "
-                f"{100.0 * done_bytes / max(self.total, 1):.0f}% of input, ETA {eta:.0f}s")
-
-    def update(self, docs: int, done_bytes: int) -> None:
-        now = time.perf_counter()
-        if self.tty and now - self.last >= 0.2:
-            self.stream.write("\r" + self.line(docs, done_bytes) + "   ")
-            self.stream.flush()
-            self.last = now
-        elif not self.tty and now - self.last >= self.interval:
-            self.stream.write("preprocess: " + self.line(docs, done_bytes) + "\n")
-            self.stream.flush()
-            self.last = now
-
-    def finish(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-
-
 # ---- the driver ----------------------------------------------------------------------------------
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
@@ -362,7 +334,8 @@ def preprocess(cfg: PreprocessConfig, log: TextIO = sys.stderr) -> dict:
     if any_text and len(cfg.json_keys) > 1:
         raise PreprocessError("--json-keys with several keys needs JSONL inputs only")
     builders = {key: IndexedDatasetBuilder(prefixes[key] + ".bin.tmp", dtype) for key in keys}
-    progress = _Progress(sum(os.path.getsize(f) for f in files), log, cfg.log_interval)
+    bar = progress(sum(os.path.getsize(f) for f in files), "preprocess", unit="B", unit_scale=True,
+                   quiet=cfg.quiet, stream=log, interval=cfg.log_interval)
     started = time.perf_counter()
     pool = None
     try:
@@ -384,7 +357,8 @@ def preprocess(cfg: PreprocessConfig, log: TextIO = sys.stderr) -> dict:
             stats.documents += len(docs)
             for kind in KINDS:
                 stats.masks[kind] += counts[kind]
-            progress.update(stats.documents, reader.progress_bytes())
+            bar.set_postfix_str(f"{stats.documents} docs", refresh=False)
+            bar.update(max(reader.progress_bytes() - bar.n, 0))
         for key in keys:
             builders[key].finalize(prefixes[key] + ".idx.tmp")
     except BaseException:
@@ -398,7 +372,7 @@ def preprocess(cfg: PreprocessConfig, log: TextIO = sys.stderr) -> dict:
         if pool is not None:
             pool.terminate()
             pool.join()
-        progress.finish()
+        bar.close()
     seconds = time.perf_counter() - started
 
     sidecar = {

@@ -9,14 +9,15 @@ from megaglot.eval.scoring import Scorer, encode_pair, indexed_dataset_windows
 from megaglot.eval.tasks import Example, Task, build_examples
 
 
-def score_examples(scorer: Scorer, tokenizer, examples: Sequence[Example]) -> List[List[float]]:
-    """Log-likelihood of every choice of every example (all examples' choices batched together)."""
+def score_examples(scorer: Scorer, tokenizer, examples: Sequence[Example], desc: str = "scoring") -> List[List[float]]:
+    """Log-likelihood of every choice of every example (all examples' choices batched together);
+    `desc` names the progress bar."""
     requests, owners = [], []
     for e, example in enumerate(examples):
         for continuation in example.continuations:
             requests.append(encode_pair(tokenizer, example.context, continuation, tokenizer.eod))
             owners.append(e)
-    scores = scorer.loglikelihood_tokens(requests)
+    scores = scorer.loglikelihood_tokens(requests, desc=desc)
     out: List[List[float]] = [[] for _ in examples]
     for e, (lp, _) in zip(owners, scores):
         out[e].append(lp)
@@ -27,7 +28,7 @@ def evaluate_task(scorer: Scorer, tokenizer, task: Task, docs: Sequence[dict], *
                   seed: int = 1234, fewshot_docs: Optional[Sequence[dict]] = None) -> Dict:
     """{'task', 'n', 'acc', 'f1', ('acc_norm'), 'preds', 'golds', 'loglikelihoods'}."""
     examples = build_examples(task, docs, num_fewshot, seed, fewshot_docs)
-    lls = score_examples(scorer, tokenizer, examples)
+    lls = score_examples(scorer, tokenizer, examples, desc=f"scoring {task.name}")
     golds = [e.gold for e in examples]
     preds = [max(range(len(ll)), key=lambda i: ll[i]) for ll in lls]  # first maximum, as numpy argmax
     result = dict(task=task.name, n=len(examples), num_fewshot=num_fewshot, acc=accuracy(golds, preds),
@@ -40,7 +41,13 @@ def evaluate_task(scorer: Scorer, tokenizer, task: Task, docs: Sequence[dict], *
 
 
 def evaluate_perplexity(scorer: Scorer, prefix: str, seq_length: int, max_tokens: Optional[int] = None) -> Dict:
-    total, count = scorer.perplexity_windows(indexed_dataset_windows(prefix, seq_length, max_tokens))
+    from megaglot.data.indexed_dataset import IndexedDataset
+
+    expected = max(IndexedDataset(prefix).num_tokens - 1, 0)  # for the progress bar: every token but the first
+    if max_tokens is not None:
+        expected = min(expected, -(-max_tokens // seq_length) * seq_length)
+    total, count = scorer.perplexity_windows(indexed_dataset_windows(prefix, seq_length, max_tokens),
+                                             total_tokens=expected)
     return dict(data=prefix, tokens=count, nll=total / count if count else float("nan"),
                 ppl=perplexity(total, count), seq_length=seq_length)
 

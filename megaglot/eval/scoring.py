@@ -27,6 +27,7 @@ from megaglot.config import ModelConfig
 from megaglot.parallel import state
 from megaglot.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaglot.pipeline.schedules import forward_backward
+from megaglot.progress import progress
 
 PAD_ID = 0
 
@@ -64,15 +65,17 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -
 
 
 class Scorer:
-    """Scores requests with this rank's chunks. Every model-parallel rank must make the same calls."""
+    """Scores requests with this rank's chunks. Every model-parallel rank must make the same calls.
+    `show_progress`: a bar of requests scored on stderr (rank 0; tools/evaluate.py without --quiet)."""
 
     def __init__(self, chunks, cfg: ModelConfig, *, device=None, dtype=torch.float32, batch_size: int = 8,
-                 max_length: Optional[int] = None, microbatches_per_call: Optional[int] = None):
+                 max_length: Optional[int] = None, microbatches_per_call: Optional[int] = None,
+                 show_progress: bool = False):
         if batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {batch_size}")
         self.chunks, self.cfg = list(chunks), cfg
         self.device = device or torch.device("cpu")
-        self.dtype, self.batch_size = dtype, batch_size
+        self.dtype, self.batch_size, self.show_progress = dtype, batch_size, show_progress
         self.max_length = max_length or cfg.max_position_embeddings
         if self.max_length > cfg.max_position_embeddings:
             raise ValueError(f"--max-length {self.max_length} exceeds the model's max_position_embeddings "
@@ -86,9 +89,10 @@ class Scorer:
 
     # ---- requests -> scores ----------------------------------------------------------------------
     @torch.no_grad()
-    def loglikelihood_tokens(self, requests: Sequence[Tuple[Sequence[int], Sequence[int]]]
-                             ) -> List[Tuple[float, bool]]:
-        """[(sum of continuation log-probs, is_greedy)] in request order, on every rank."""
+    def loglikelihood_tokens(self, requests: Sequence[Tuple[Sequence[int], Sequence[int]]], *,
+                             desc: str = "scoring", bar=None) -> List[Tuple[float, bool]]:
+        """[(sum of continuation log-probs, is_greedy)] in request order, on every rank. Progress:
+        `bar` (a megaglot.progress bar to advance) or a bar of its own over this rank's share."""
         prepared = []
         for i, (context, continuation) in enumerate(requests):
             continuation = list(continuation)
@@ -104,15 +108,22 @@ class Scorer:
         calls = [order[k:k + per_call] for k in range(0, len(order), per_call)]
         dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
         results = {}
-        for c, call in enumerate(calls):
-            if c % dp != dp_rank:
-                continue
+        mine = [call for c, call in enumerate(calls) if c % dp == dp_rank]
+        shown = bar if bar is not None else progress(sum(map(len, mine)), desc, unit="req",
+                                                     quiet=not self.show_progress)
+        for call in mine:
             logprobs, greedy = self._run_call([prepared[i] for i in call])
             for row, i in enumerate(call):
                 n = prepared[i][2]
                 length = len(prepared[i][0])
                 results[i] = (float(logprobs[row, length - n:length].double().sum()),
                               bool(greedy[row, length - n:length].all()))
+            if bar is None:
+                shown.update(len(call))
+        if bar is None:
+            shown.close()
+        else:  # every replica's tokens: the bar counts the whole run's progress
+            bar.update(sum(p[2] for p in prepared))
         if dp > 1:
             gathered = [None] * dp
             dist.all_gather_object(gathered, results, group=state.get_data_parallel_group())
@@ -155,14 +166,17 @@ class Scorer:
         return out_lp.view(m * b, length)[:n].cpu(), out_greedy.view(m * b, length)[:n].cpu().bool()
 
     # ---- perplexity --------------------------------------------------------------------------------
-    def perplexity_windows(self, windows: Iterable[Sequence[int]], chunk_size: int = 256) -> Tuple[float, int]:
+    def perplexity_windows(self, windows: Iterable[Sequence[int]], chunk_size: int = 256,
+                           total_tokens: Optional[int] = None) -> Tuple[float, int]:
         """(total negative log-likelihood, predicted tokens) over token windows, each scoring its
-        tokens 1.. given the ones before (token-weighted)."""
+        tokens 1.. given the ones before (token-weighted). Progress: tokens scored, of
+        `total_tokens` when known."""
         total, count, pending = 0.0, 0, []
+        bar = progress(total_tokens, "perplexity", unit="tok", unit_scale=True, quiet=not self.show_progress)
 
         def flush():
             nonlocal total, count
-            for lp, _ in self.loglikelihood_tokens(pending):
+            for lp, _ in self.loglikelihood_tokens(pending, bar=bar):
                 total -= lp
             count += sum(len(c) for _, c in pending)
             pending.clear()
@@ -176,6 +190,7 @@ class Scorer:
                 flush()
         if pending:
             flush()
+        bar.close()
         return total, count
 
 
