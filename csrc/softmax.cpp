@@ -134,11 +134,12 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const at::Tensor* mask_in, const 
   return y;
 }
 
-at::Tensor cpu_backward(const at::Tensor& g_in, const at::Tensor& y_in, int64_t sq, int64_t sk, bool causal,
-                        double scale) {
+// dx may be g itself (the in-place backward): each row's dot(g, y) is taken before any of it is written,
+// and every element of g is read before the same element of dx is stored.
+at::Tensor cpu_backward_into(const at::Tensor& g_in, const at::Tensor& y_in, at::Tensor dx, int64_t sq, int64_t sk,
+                             bool causal, double scale) {
   const at::Tensor g = g_in.contiguous();
   const at::Tensor y = y_in.contiguous();
-  at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
   const int64_t rows = sk == 0 ? 0 : y.numel() / sk;
   if (rows == 0) return dx;
   const float s = static_cast<float>(scale);
@@ -162,6 +163,10 @@ at::Tensor cpu_backward(const at::Tensor& g_in, const at::Tensor& y_in, int64_t 
   return dx;
 }
 
+at::Tensor cpu_backward(const at::Tensor& g, const at::Tensor& y, int64_t sq, int64_t sk, bool causal, double scale) {
+  return cpu_backward_into(g, y, at::empty_like(y, at::MemoryFormat::Contiguous), sq, sk, causal, scale);
+}
+
 at::Tensor dispatch_forward(const at::Tensor& x, const at::Tensor* mask, const RowLayout& lay, int mode,
                             double scale, const char* op) {
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
@@ -176,8 +181,7 @@ at::Tensor dispatch_forward(const at::Tensor& x, const at::Tensor* mask, const R
   return cpu_forward(x, mask, lay, mode, scale);
 }
 
-at::Tensor dispatch_backward(const at::Tensor& grad, const at::Tensor& probs, bool causal, double scale,
-                             const char* op) {
+void check_backward(const at::Tensor& grad, const at::Tensor& probs, bool causal, const char* op) {
   TORCH_CHECK(grad.sizes() == probs.sizes(), op, ": grad shape ", grad.sizes(), " != probs shape ", probs.sizes());
   TORCH_CHECK(grad.scalar_type() == probs.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
               " != probs dtype ", probs.scalar_type());
@@ -186,8 +190,14 @@ at::Tensor dispatch_backward(const at::Tensor& grad, const at::Tensor& probs, bo
   const auto st = probs.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (st == at::kDouble && probs.is_cpu()),
               op, ": probs must be float32, float16 or bfloat16 (float64 on CPU), got ", st);
+  if (causal) TORCH_CHECK(probs.size(-2) == probs.size(-1), op, ": causal softmax needs sq == sk, got ",
+                          probs.size(-2), " and ", probs.size(-1));
+}
+
+at::Tensor dispatch_backward(const at::Tensor& grad, const at::Tensor& probs, bool causal, double scale,
+                             const char* op) {
+  check_backward(grad, probs, causal, op);
   const int64_t sq = probs.size(-2), sk = probs.size(-1);
-  if (causal) TORCH_CHECK(sq == sk, op, ": causal softmax needs sq == sk, got ", sq, " and ", sk);
   if (probs.is_cuda()) {
 #ifdef MEGAGLOT_WITH_CUDA
     return cuda::softmax_backward(grad, probs, sq, sk, causal, scale);
@@ -196,6 +206,15 @@ at::Tensor dispatch_backward(const at::Tensor& grad, const at::Tensor& probs, bo
 #endif
   }
   return cpu_backward(grad, probs, sq, sk, causal, scale);
+}
+
+// The backward written over grad (apex's in-place backward), so it allocates nothing. CPU only: the CUDA
+// kernels take __restrict__ pointers and so may not alias grad and dx.
+void backward_in_place(at::Tensor& grad, const at::Tensor& probs, bool causal, double scale, const char* op) {
+  check_backward(grad, probs, causal, op);
+  TORCH_CHECK(probs.is_cpu(), op, ": the in-place backward runs on CPU tensors only, got ", probs.device());
+  TORCH_CHECK(grad.is_contiguous(), op, ": the in-place backward needs a contiguous grad");
+  cpu_backward_into(grad, probs, grad, probs.size(-2), probs.size(-1), causal, scale);
 }
 
 }  // namespace
@@ -237,6 +256,10 @@ at::Tensor scaled_upper_triang_masked_softmax_backward(const at::Tensor& grad, c
   return dispatch_backward(grad, probs, true, scale, "scaled_upper_triang_masked_softmax_backward");
 }
 
+void scaled_softmax_backward_(at::Tensor grad, const at::Tensor& probs, double scale, bool causal) {
+  backward_in_place(grad, probs, causal, scale, "scaled_softmax_backward_");
+}
+
 }  // namespace megaglot
 
 void register_softmax(pybind11::module& m) {
@@ -253,6 +276,14 @@ void register_softmax(pybind11::module& m) {
   m.def("scaled_softmax_forward", &scaled_softmax_forward, pybind11::arg("x"), pybind11::arg("scale"));
   m.def("scaled_softmax_backward", &scaled_softmax_backward, pybind11::arg("grad"), pybind11::arg("probs"),
         pybind11::arg("scale"));
+  m.def("scaled_softmax_backward_", &scaled_softmax_backward_,
+        "the backward of every variant written over grad (CPU; causal: the upper triangle becomes 0)",
+        pybind11::arg("grad"), pybind11::arg("probs"), pybind11::arg("scale"), pybind11::arg("causal"));
+  m.def("tensor_use_counts", [](const at::Tensor& t) {
+          return std::vector<int64_t>{static_cast<int64_t>(t.use_count()),
+                                      static_cast<int64_t>(t.storage().use_count())};
+        },
+        "(TensorImpl, storage) reference counts: whether autograd alone holds a gradient buffer");
   m.def("cpu_softmax_isa", [] { return std::string(cpu_kernels().isa); },
         "the instruction set the CPU softmax rows run with here: avx512, avx2 or baseline");
 }

@@ -5,6 +5,10 @@ checkpoints give the same logits) and cached per (length, rotary_ndims, base, dt
 every layer of every step asks for the same ones. ``fused_rotary`` rotates the first
 ``rotary_ndims`` of every head of q and k in one pass (fp32 math, one rounding to the storage dtype);
 ``apply_rotary_torch`` is the eager formula, used by the model's ``torch`` backend and as fallback.
+
+``fused_rotary`` is the torch op ``torch.ops.megaglot.fused_rotary`` (``torch.library``: real and
+fake kernels sharing one check, ``_check_rotary``, and a registered autograd formula whose backward
+is the op ``megaglot::fused_rotary_backward``), so ``torch.compile`` traces through it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Tuple
 
 import torch
 
-from megaglot.kernels.extension import kernel_for, warn_once
+from megaglot.kernels.extension import kernel_for
 
 __all__ = ["rotary_cos_sin", "fused_rotary", "apply_rotary_torch", "rotate_half"]
 
@@ -114,34 +118,78 @@ def _transpose_torch(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat((d1, d2, gf[..., rd:]), dim=-1).to(g.dtype)
 
 
-class _FusedRotary(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        fn = _kernel("fused_rotary_forward", q)
-        if fn is not None:
-            q_out, k_out = fn(q, k, cos, sin)
-        else:
-            acc = _acc_dtype(q)
-            c, s = cos.to(acc), sin.to(acc)
-            q_out = apply_rotary_torch(q.to(acc), c, s).to(q.dtype)
-            k_out = apply_rotary_torch(k.to(acc), c, s).to(k.dtype)
-        ctx.save_for_backward(cos, sin)
-        return q_out, k_out
+def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Every check of the fused op, shared by its real and fake kernels (and so by eager and traced calls)."""
+    if q.shape != k.shape:
+        raise ValueError(f"fused_rotary: q and k must have the same shape, got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"fused_rotary: q is {q.dtype} but k is {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"fused_rotary: q is on {q.device} but k is on {k.device}")
+    _check_cos_sin(q, cos, sin, "fused_rotary")
 
-    @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        cos, sin = ctx.saved_tensors
-        # autograd hands None for an output that did not reach the loss; rotate zeros for it.
-        if grad_q is None:
-            grad_q = torch.zeros_like(grad_k)
-        if grad_k is None:
-            grad_k = torch.zeros_like(grad_q)
-        fn = _kernel("fused_rotary_backward", grad_q)
-        if fn is not None:
-            dq, dk = fn(grad_q, grad_k, cos, sin)
-        else:
-            dq, dk = _transpose_torch(grad_q, cos, sin), _transpose_torch(grad_k, cos, sin)
-        return dq, dk, None, None
+
+def _new_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("megaglot::fused_rotary", mutates_args=())
+def _rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_rotary(q, k, cos, sin)
+    fn = _kernel("fused_rotary_forward", q)
+    if fn is not None:
+        q_out, k_out = fn(q, k, cos, sin)
+        return q_out, k_out
+    acc = _acc_dtype(q)
+    c, s = cos.to(acc), sin.to(acc)
+    q_out = apply_rotary_torch(q.to(acc), c, s).to(q.dtype)
+    k_out = apply_rotary_torch(k.to(acc), c, s).to(k.dtype)
+    return q_out.contiguous(), k_out.contiguous()
+
+
+@_rotary_op.register_fake
+def _rotary_fake(q, k, cos, sin):
+    _check_rotary(q, k, cos, sin)
+    return _new_like(q), _new_like(k)
+
+
+@torch.library.custom_op("megaglot::fused_rotary_backward", mutates_args=())
+def _rotary_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The transposed rotation of both gradients (no gradient flows to cos/sin)."""
+    _check_rotary(grad_q, grad_k, cos, sin)
+    fn = _kernel("fused_rotary_backward", grad_q)
+    if fn is not None:
+        dq, dk = fn(grad_q, grad_k, cos, sin)
+        return dq, dk
+    return _transpose_torch(grad_q, cos, sin).contiguous(), _transpose_torch(grad_k, cos, sin).contiguous()
+
+
+@_rotary_backward_op.register_fake
+def _rotary_backward_fake(grad_q, grad_k, cos, sin):
+    _check_rotary(grad_q, grad_k, cos, sin)
+    return _new_like(grad_q), _new_like(grad_k)
+
+
+def _rotary_setup_context(ctx, inputs, output) -> None:
+    _, _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rotary_backward(ctx, grad_q, grad_k):
+    cos, sin = ctx.saved_tensors
+    # autograd hands None for an output that did not reach the loss; rotate zeros for it.
+    if grad_q is None:
+        grad_q = torch.zeros_like(grad_k)
+    if grad_k is None:
+        grad_k = torch.zeros_like(grad_q)
+    dq, dk = _rotary_backward_op(grad_q, grad_k, cos, sin)
+    return dq, dk, None, None
+
+
+_rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)
 
 
 def fused_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -151,15 +199,7 @@ def fused_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     q and k may be strided views (e.g. slices of a fused QKV projection) as long as their last
     dimension is contiguous; the results are new contiguous tensors. No gradient flows to cos/sin.
     """
-    for name, t in (("q", q), ("k", k)):
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_rotary: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.shape != k.shape:
-        raise ValueError(f"fused_rotary: q and k must have the same shape, got {tuple(q.shape)} and "
-                         f"{tuple(k.shape)}")
-    if q.dtype != k.dtype:
-        raise TypeError(f"fused_rotary: q is {q.dtype} but k is {k.dtype}")
-    if q.device != k.device:
-        raise ValueError(f"fused_rotary: q is on {q.device} but k is on {k.device}")
-    _check_cos_sin(q, cos, sin, "fused_rotary")
-    return _FusedRotary.apply(q, k, cos, sin)
+    return _rotary_op(q, k, cos, sin)
