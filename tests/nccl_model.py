@@ -1,7 +1,7 @@
 """A small model of how NCCL progresses point-to-point traffic, to replay recorded traces on CPU.
 
 No GPU here has a peer, so whether the pipeline schedules would hang or mis-deliver on NCCL is
-checked by replaying what every rank posts under NCCL's rules (DESIGN.md "NCCL matching"):
+checked by replaying what every rank posts under NCCL's rules (docs/pipeline.md "Point-to-point rules"):
 
 * Matching: messages from `src` to `dst` on one communicator are matched strictly in posting
   order (per-pair FIFO); tags are ignored. A matched pair must agree in shape and dtype, and in

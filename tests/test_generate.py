@@ -1,7 +1,6 @@
 """Generation: KV-cache greedy decoding equals decoding without the cache and transformers'
 greedy generate() at TP = 1 and 2; sampling options; tools/generate.py end to end and its errors."""
 
-import os
 
 import pytest
 import torch
@@ -68,6 +67,65 @@ def test_kv_cache_greedy_equals_no_cache_and_transformers_generate_at_tp_1_and_2
             a, b, c = got["sampled"]
             assert a == b and len(a[0]) == 6, layout  # seeded sampling is reproducible
     assert results[0] == results[1]  # every rank saw the same tokens
+
+
+def _reference_greedy(chunk, prompt, max_new, eod=None):
+    """Greedy decoding the plain way: the whole model in one process, argmax of the last position."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = chunk(None, {"tokens": torch.tensor([ids])})  # [s, 1, V]
+            ids.append(int(logits[-1, 0, :chunk.config.vocab_size].argmax()))
+            if ids[-1] == eod:
+                break
+    return ids[len(prompt):]
+
+
+def _pipeline_generate_worker(rank):
+    from megaglot.config import ConfigError, get_model_preset
+    from megaglot.eval.generation import generate
+    from megaglot.model import build_model_chunks
+    from megaglot.parallel import state
+
+    cfg = get_model_preset("tiny-test", init_method_std=0.1)  # large enough weights for clear argmaxes
+    prompts = [[5, 17, 300, 999, 42], [7, 3, 64, 64, 120]]  # odd length: sequence parallelism pads
+    state.initialize(1, 1)
+    (whole,) = build_model_chunks(cfg, seed=11)
+    want = [_reference_greedy(whole, p, NEW) for p in prompts]
+    eod = want[0][3]
+    want_stopped = [_reference_greedy(whole, p, NEW, eod=eod) for p in prompts]
+    out = dict(want=want, want_stopped=want_stopped, want_one=_reference_greedy(whole, prompts[1][:4], 3))
+    state.destroy()
+    state.initialize(2, 2)
+    for sp in (False, True):
+        chunks = build_model_chunks(cfg, seed=11, sequence_parallel=sp)
+        out[sp] = dict(plain=generate(chunks, cfg, prompts, NEW, use_cache=False),
+                       stopped=generate(chunks, cfg, prompts, NEW, eod=eod, use_cache=False),
+                       one=generate(chunks, cfg, [prompts[1][:4]], 3, use_cache=False))
+        with pytest.raises(ValueError, match="KV cache needs the whole model"):
+            generate(chunks, cfg, prompts, NEW)
+    state.destroy()
+    state.initialize(1, 2, 2)
+    with pytest.raises(ConfigError, match="interleaved"):
+        generate(build_model_chunks(cfg, seed=11), cfg, prompts, NEW, use_cache=False)
+    state.destroy()
+    return out
+
+
+def test_greedy_through_tp2_pp2_equals_a_single_process_argmax_loop():
+    """The demo's --generate-prompt path: without the cache every step runs the pipeline schedule."""
+    results = run_distributed(_pipeline_generate_worker, 4, timeout=200)
+    want, want_stopped = results[0]["want"], results[0]["want_stopped"]
+    assert all(len(set(w)) > 2 for w in want)  # non-degenerate continuations
+    assert want_stopped[0] == want[0][:4]  # the end token stops that sequence (and is included)
+    for rank_result in results:
+        for sp in (False, True):
+            got = rank_result[sp]
+            assert got["plain"] == want, sp
+            assert got["stopped"][0] == want_stopped[0], sp
+            assert got["stopped"][1] == want_stopped[1], sp
+            assert got["one"] == [results[0]["want_one"]], sp
+    assert all(r[sp] == results[0][sp] for r in results for sp in (False, True))  # every rank, same tokens
 
 
 def test_sampling_filters():

@@ -1,4 +1,4 @@
-"""DESIGN.md "One code path": gloo runs the calls NCCL runs, and nothing in the hot path
+"""docs/design.md "One code path": gloo runs the calls NCCL runs, and nothing in the hot path
 synchronizes the device.
 
 One 2-rank gloo spawn (tp=1, pp=2) checks, on a plain "gloo" group and on a
@@ -121,7 +121,7 @@ def _check_p2p(rank, pp_group):
     peer = state.get_pipeline_next_rank()
     assert peer == state.get_pipeline_prev_rank() and peer != rank
     act, grad = torch.full(SHAPE, 100.0 + rank), torch.full(SHAPE, 200.0 + rank)
-    first = state.is_pipeline_first_stage(ignore_virtual=True)
+    first = state.is_pipeline_first_stage()
     with mock.patch.object(state, "get_pipeline_parallel_group", lambda: pp_group), \
             Spy(["batch_isend_irecv"]) as spy:
         from_prev, from_next = p2p.communicate(act, grad, True, True, SHAPE, torch.float32)

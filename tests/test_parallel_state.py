@@ -1,7 +1,6 @@
-"""Rank layout and process groups (DESIGN.md: global = pp*(dp*tp) + dp*tp + tp)."""
+"""Rank layout and process groups (docs/design.md: global = pp*(dp*tp) + dp*tp + tp)."""
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from dist_harness import run_distributed
@@ -21,14 +20,14 @@ def _layout_worker(rank):
         s = state.initialize(tp, pp, vp)
         record = dict(tp_rank=s.tp_rank, pp_rank=s.pp_rank, dp_rank=s.dp_rank, dp_size=s.dp_size,
                       tp=_members(s.tp_group), pp=_members(s.pp_group), dp=_members(s.dp_group),
-                      mp=_members(s.mp_group), first=state.is_pipeline_first_stage(ignore_virtual=True),
-                      last=state.is_pipeline_last_stage(ignore_virtual=True),
-                      next=state.get_pipeline_next_rank(), prev=state.get_pipeline_prev_rank(),
-                      emb=_members(s.embedding_group) if s.embedding_group is not None else None)
+                      mp=_members(s.mp_group), first=state.is_pipeline_first_stage(),
+                      last=state.is_pipeline_last_stage(),
+                      next=state.get_pipeline_next_rank(), prev=state.get_pipeline_prev_rank())
         if vp:
-            state.set_virtual_pipeline_rank(1)
-            record["first_virtual_1"] = state.is_pipeline_first_stage()
-            record["last_virtual_1"] = state.is_pipeline_last_stage()
+            record["first_virtual_1"] = state.is_pipeline_first_stage(virtual_rank=1)
+            record["last_virtual_1"] = state.is_pipeline_last_stage(virtual_rank=1)
+            record["first_virtual_0"] = state.is_pipeline_first_stage(virtual_rank=0)
+            record["last_virtual_0"] = state.is_pipeline_last_stage(virtual_rank=0)
         out[(tp, pp)] = record
         state.destroy()
     try:
@@ -52,15 +51,12 @@ def test_rank_layout_and_groups_on_8_ranks():
             assert sorted(r["mp"]) == sorted(i * dp * tp + d * tp + j for i in range(pp) for j in range(tp))
             assert r["first"] == (p == 0) and r["last"] == (p == pp - 1)
             assert r["next"] == r["pp"][(p + 1) % pp] and r["prev"] == r["pp"][(p - 1) % pp]
-            if p in (0, pp - 1):
-                assert r["emb"] == sorted({r["pp"][0], r["pp"][-1]})
-            else:
-                assert r["emb"] is None
-    # Interleaved: on chunk 1 of 2, no stage is the first, only the last stage is the last.
+    # Interleaved: chunk 1 of 2 is the first of no stage, the last of the last; chunk 0 the reverse.
     for rank, res in enumerate(results):
         r = res[(2, 2)]
         assert r["first_virtual_1"] is False
         assert r["last_virtual_1"] == (r["pp_rank"] == 1)
+        assert r["first_virtual_0"] == (r["pp_rank"] == 0) and r["last_virtual_0"] is False
         assert "8 is not divisible by tensor_parallel x pipeline_parallel = 3 x 1 = 3" in res["error"]
         assert "[1, 2, 4, 8]" in res["error"]
 

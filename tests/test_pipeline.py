@@ -22,7 +22,7 @@ from dist_harness import run_distributed
 from megaglot.config import ConfigError
 from megaglot.parallel import comm, state
 from megaglot.parallel.layers import ColumnParallelLinear, RowParallelLinear, seeded_normal_init
-from megaglot.pipeline import Timeline, activation_bound, check_schedule, forward_backward, last_stats
+from megaglot.pipeline import ScheduleStats, Timeline, activation_bound, check_schedule, forward_backward
 from megaglot.pipeline.timeline import bubble_fraction, load_json, save_json
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -50,9 +50,10 @@ class Block(nn.Module):
 
 
 class Chunk(nn.Module):
-    def __init__(self, layers, sp):
+    def __init__(self, layers, sp, virtual_rank):
         super().__init__()
         self.layers = list(layers)
+        self.virtual_rank = virtual_rank  # its place in the model, for the forward step to ask
         self.blocks = nn.ModuleList(Block(i, sp) for i in layers)
 
     def forward(self, x):
@@ -65,7 +66,7 @@ def build_chunks(sp):
     p, r = state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank()
     v = state.get_virtual_pipeline_world_size() or 1
     per = LAYERS // (p * v)
-    return [Chunk(range((c * p + r) * per, (c * p + r + 1) * per), sp) for c in range(v)]
+    return [Chunk(range((c * p + r) * per, (c * p + r + 1) * per), sp, c) for c in range(v)]
 
 
 def seq_shard(x, sp):
@@ -79,10 +80,10 @@ def make_forward_step(sp, grad_modes=None, sent=None):
         if grad_modes is not None:
             grad_modes.append(torch.is_grad_enabled())
         x = input_tensor if input_tensor is not None else seq_shard(mb["x"], sp)
-        if state.is_pipeline_first_stage():
+        if state.is_pipeline_first_stage(virtual_rank=chunk.virtual_rank):
             assert input_tensor is None
         out = chunk(x)
-        if not state.is_pipeline_last_stage():
+        if not state.is_pipeline_last_stage(virtual_rank=chunk.virtual_rank):
             if sent is not None:
                 sent.append(out)
             return out
@@ -166,15 +167,16 @@ def run_layouts(rank):
             for chunk in chunks:
                 chunk.zero_grad(set_to_none=True)
             sent = []
-            loss = forward_backward(chunks, mbs, make_forward_step(sp, sent=sent), (s_local, B, H), torch.float32)
+            stats = ScheduleStats()
+            loss = forward_backward(chunks, mbs, make_forward_step(sp, sent=sent), tensor_shape=(s_local, B, H),
+                                    dtype=torch.float32, stats=stats)
             # Every activation sent downstream was released (storage swapped for one element).
             assert all(out.numel() == 1 for out in sent), (what, [tuple(o.shape) for o in sent])
-            if state.is_pipeline_last_stage(ignore_virtual=True):
+            if state.is_pipeline_last_stage():
                 torch.testing.assert_close(loss, ref_loss, **TOL, msg=lambda msg: f"{what} loss: {msg}")
             else:
                 assert loss is None
             check_grads(chunks, ref_grads, sp, what)
-            stats = last_stats()
             assert stats.bound == activation_bound(pp, state.get_pipeline_parallel_rank(), m, vp)
             assert stats.max_live_total == stats.bound, (what, stats)
             assert stats.live_total == 0 and all(n == 0 for n in stats.live), (what, stats)
@@ -185,25 +187,28 @@ def run_layouts(rank):
         for chunk in chunks:
             chunk.zero_grad(set_to_none=True)
         modes = []
-        loss = forward_backward(chunks, microbatches(m), make_forward_step(sp, modes), (s_local, B, H),
-                                torch.float32, forward_only=True)
+        loss = forward_backward(chunks, microbatches(m), make_forward_step(sp, modes), tensor_shape=(s_local, B, H),
+                                dtype=torch.float32, forward_only=True)
         assert modes and not any(modes)
-        if state.is_pipeline_last_stage(ignore_virtual=True):
+        if state.is_pipeline_last_stage():
             torch.testing.assert_close(loss, reference(microbatches(m))[0], **TOL)
         assert all(p.grad is None for c in chunks for p in c.parameters())
 
         if (tp, pp, vp) == (1, 4, 2):
             # Clear errors for schedules that cannot run, raised before any communication.
             with pytest.raises(ConfigError, match=r"M = 6 is not divisible by .* p = 4"):
-                forward_backward(chunks, microbatches(6), make_forward_step(sp), (S, B, H), torch.float32)
+                forward_backward(chunks, microbatches(6), make_forward_step(sp), tensor_shape=(S, B, H),
+                                 dtype=torch.float32)
             with pytest.raises(ConfigError, match=r"M = 2 < p = 4"):
-                forward_backward(chunks, microbatches(2), make_forward_step(sp), (S, B, H), torch.float32)
+                forward_backward(chunks, microbatches(2), make_forward_step(sp), tensor_shape=(S, B, H),
+                                 dtype=torch.float32)
             with pytest.raises(ConfigError, match=r"1 model chunks .* virtual pipeline size is 2"):
-                forward_backward(chunks[:1], microbatches(4), make_forward_step(sp), (S, B, H), torch.float32)
+                forward_backward(chunks[:1], microbatches(4), make_forward_step(sp), tensor_shape=(S, B, H),
+                                 dtype=torch.float32)
             # A recorded timeline: every chunk runs microbatches 0..M-1 in order, forwards and backwards.
             timeline = Timeline()
-            forward_backward(chunks, microbatches(8), make_forward_step(sp), (S, B, H), torch.float32,
-                             timeline=timeline)
+            forward_backward(chunks, microbatches(8), make_forward_step(sp), tensor_shape=(S, B, H),
+                             dtype=torch.float32, timeline=timeline)
             events = timeline.gather()
             if dist.get_rank(state.get_pipeline_parallel_group()) == 0 and state.get_data_parallel_rank() == 0:
                 timeline_events = events

@@ -137,12 +137,13 @@ def fake_rank(rank, tp, pp, vp):
 
 
 # ---- toy model chunks -------------------------------------------------------------------------
-def make_forward_step(recorder, s_local):
+def make_forward_step(recorder, s_local, chunks):
     """forward_step of a Linear chunk whose sent activations and gradients are markers."""
     p, r = state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank()
 
     def forward_step(chunk, input_tensor, mb):
-        g = state.get_virtual_pipeline_rank() * p + r if state.get_virtual_pipeline_world_size() else r
+        c = chunks.index(chunk)  # the chunk's virtual rank
+        g = c * p + r
         i = mb["i"]
         if input_tensor is None:
             x = mb["x"]
@@ -150,7 +151,7 @@ def make_forward_step(recorder, s_local):
             recorder.expect(input_tensor, ("act", g - 1, i))
             x = Stamp.apply(input_tensor, marker("grad", g, i))
         out = chunk(x)  # [s/tp, b, h]
-        if state.is_pipeline_last_stage():
+        if state.is_pipeline_last_stage(virtual_rank=c):
             return out.square().mean()
         out = out * 0 + marker("act", g, i)
         if out.requires_grad:
@@ -166,9 +167,9 @@ def microbatches(m, s_local):
 def record(chunks, m, forward_only, s_local, dtype=torch.float32, forward_step=None):
     """Run this rank's schedule once; its recorder (trace and labels)."""
     recorder = Recorder()
-    step = forward_step or make_forward_step(recorder, s_local)
+    step = forward_step or make_forward_step(recorder, s_local, chunks)
     with recording(recorder):
-        forward_backward(chunks, microbatches(m, s_local), step, (s_local, B, H), dtype,
+        forward_backward(chunks, microbatches(m, s_local), step, tensor_shape=(s_local, B, H), dtype=dtype,
                          forward_only=forward_only)
     return recorder
 
@@ -196,8 +197,9 @@ def record_layout(tp, pp, v, counts):
                         check_schedule(m, pp, vp)
                     recorder = Recorder()
                     with pytest.raises(ConfigError), recording(recorder):
-                        forward_backward(chunks, microbatches(m, s_local), make_forward_step(recorder, s_local),
-                                         (s_local, B, H), torch.float32, forward_only=forward_only)
+                        forward_backward(chunks, microbatches(m, s_local),
+                                         make_forward_step(recorder, s_local, chunks),
+                                         tensor_shape=(s_local, B, H), dtype=torch.float32, forward_only=forward_only)
                     assert recorder.events == [], "a refused schedule must not communicate"
     return runs
 
@@ -325,7 +327,7 @@ def test_wrong_shape_is_refused_before_posting_and_caught_in_a_trace():
         wrong = lambda chunk, x, mb: torch.zeros(S + 1, B, H)  # noqa: E731  the first stage's activation
         with pytest.raises(ValueError, match=r"shape \(9, 2, 4\) does not match the agreed tensor_shape"), \
                 recording(recorder):
-            forward_backward([nn.Linear(H, H)], microbatches(2, S), wrong, (S, B, H), torch.float32)
+            forward_backward([nn.Linear(H, H)], microbatches(2, S), wrong, tensor_shape=(S, B, H), dtype=torch.float32)
         assert all(e[0] != "post" or all(op[0] != SEND for op in e[2]) for e in recorder.events)
     # p2p refuses it, so break a recorded trace instead: rank 1's third message to rank 0.
     # Two pipelines (tp = 2, ranks 0, 2 and 1, 3), sequence parallel: [s/tp, b, h] = [4, 2, 4].

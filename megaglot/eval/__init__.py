@@ -1,6 +1,6 @@
 """Evaluation and generation: KOBEST few-shot multiple choice (accuracy, macro F1), perplexity on
 an indexed dataset, an lm-evaluation-harness adapter (`megaglot.eval.harness`) and KV-cache text
-generation, all through the parallel model at any TP/PP layout (generation: TP only).
+generation, all through the parallel model at any TP/PP layout (generation's KV cache: TP only).
 
 The command-line faces are tools/evaluate.py and tools/generate.py.
 """

@@ -64,7 +64,7 @@ class MegaglotLM(_Base):
             super().__init__()
         from megaglot.eval.loading import init_parallel, load_inference_model, load_tokenizer_for
         from megaglot.eval.scoring import Scorer
-        from megaglot.training import init_distributed
+        from megaglot.parallel.launch import init_distributed
 
         device = init_distributed()
         init_parallel(_int(tp, "tp") or 1, _int(pp, "pp") or 1)

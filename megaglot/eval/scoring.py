@@ -155,8 +155,8 @@ class Scorer:
             out_greedy[mb["index"]] = greedy.float()
             return out.new_zeros(())
 
-        forward_backward(self.chunks, microbatches, step, (length, b, self.cfg.hidden_size), self.dtype,
-                         forward_only=True, device=self.device)
+        forward_backward(self.chunks, microbatches, step, tensor_shape=(length, b, self.cfg.hidden_size),
+                         dtype=self.dtype, forward_only=True, device=self.device)
         if state.get_pipeline_parallel_world_size() > 1:
             group = state.get_pipeline_parallel_group()
             src = state.get_state().pp_ranks[-1]

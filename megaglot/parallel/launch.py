@@ -1,4 +1,4 @@
-"""Start torch.distributed from torchrun's environment: NCCL on CUDA, gloo on CPU.
+"""Start torch.distributed from torchrun's environment (NCCL on CUDA, gloo on CPU), and tear it down.
 
 A process started without torchrun's variables (RANK, WORLD_SIZE, ...) is a world of one, so
 `python examples/pretrain_ko.py` works on its own. A process started that way by a multi-task
@@ -8,6 +8,7 @@ launcher (`srun`, `mpirun`) is refused: every task would silently train alone as
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 from typing import Mapping
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megaglot.config import ConfigError
+from megaglot.parallel import state
 
 # Variables by which multi-task launchers announce how many processes they started. SLURM_NTASKS
 # is not one of them: a batch script (one process) sees it too; srun sets SLURM_STEP_NUM_TASKS.
@@ -68,4 +70,14 @@ def init_distributed(timeout_minutes: float = 10.0) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["init_distributed", "local_device", "check_launcher", "LAUNCHER_SIZE_VARIABLES"]
+def shutdown() -> None:
+    """Forget megaglot's process groups, then the default group, so a tool or test can exit (or start
+    another world) cleanly; each only if it exists."""
+    if state.is_initialized():
+        state.destroy()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+
+
+__all__ = ["init_distributed", "shutdown", "local_device", "check_launcher", "LAUNCHER_SIZE_VARIABLES"]

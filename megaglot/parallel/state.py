@@ -2,8 +2,8 @@
 
 Global rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank (Megatron's default): TP varies
 fastest so a tensor-parallel group stays inside a node (NVLink), PP slowest so only activations
-cross nodes. All state lives in one `ParallelState` object held by the registry below; the only
-mutable field after `initialize` is the virtual pipeline rank, which schedules set per chunk.
+cross nodes. All state lives in one `ParallelState` object held by the registry below, fixed once
+`initialize` returns: which model chunk is running is the caller's to pass (`virtual_rank=`).
 """
 
 from __future__ import annotations
@@ -42,16 +42,12 @@ class ParallelState:
     """Ranks holding the same shard of the model."""
     mp_group: object
     """TP x PP ranks of one model replica (for norms and loss scaling)."""
-    embedding_group: Optional[object]
-    """First and last pipeline stage (tied embeddings); None when this rank is in neither."""
     pp_ranks: list = field(default_factory=list)
     """Global ranks of this rank's pipeline group, by stage."""
     tp_ranks: list = field(default_factory=list)
     """Global ranks of this rank's tensor group."""
     dp_ranks: list = field(default_factory=list)
     """Global ranks of this rank's data-parallel group."""
-    vp_rank: int = 0
-    """Model chunk currently being run (set by the interleaved schedule)."""
 
 
 class _Registry:
@@ -121,11 +117,9 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
             if rank in ranks:
                 mine["dp"] = (group, ranks)
     # Pipeline groups: fixed (dp, tp), varying pp.
-    pipeline_groups = []
     for d in range(dp):
         for t in range(tp):
             ranks = [rank_of(p, d, t) for p in range(pp)]
-            pipeline_groups.append(ranks)
             group = dist.new_group(ranks)
             if rank in ranks:
                 mine["pp"] = (group, ranks)
@@ -135,13 +129,6 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
         group = dist.new_group(ranks)
         if rank in ranks:
             mine["mp"] = (group, ranks)
-    # Embedding groups: first and last stage of each pipeline.
-    mine["emb"] = (None, [])
-    for ranks in pipeline_groups:
-        emb_ranks = [ranks[0], ranks[-1]] if len(ranks) > 1 else [ranks[0]]
-        group = dist.new_group(emb_ranks)
-        if rank in emb_ranks:
-            mine["emb"] = (group, emb_ranks)
 
     pp_rank = rank // (dp * tp)
     dp_rank = (rank // tp) % dp
@@ -150,7 +137,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
         tp_size=tp, pp_size=pp, dp_size=dp, vp_size=virtual_pipeline,
         tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
         tp_group=mine["tp"][0], pp_group=mine["pp"][0], dp_group=mine["dp"][0],
-        mp_group=mine["mp"][0], embedding_group=mine["emb"][0],
+        mp_group=mine["mp"][0],
         pp_ranks=mine["pp"][1], tp_ranks=mine["tp"][1], dp_ranks=mine["dp"][1])
     return _REGISTRY.state
 
@@ -172,7 +159,7 @@ def destroy() -> None:
     if state is None:
         return
     seen = set()
-    for group in (state.tp_group, state.pp_group, state.dp_group, state.mp_group, state.embedding_group):
+    for group in (state.tp_group, state.pp_group, state.dp_group, state.mp_group):
         if group is not None and id(group) not in seen:
             seen.add(id(group))
             try:
@@ -222,32 +209,24 @@ def get_model_parallel_group():
     return get_state().mp_group
 
 
-def get_embedding_group():
-    return get_state().embedding_group
-
-
-def get_virtual_pipeline_rank() -> int:
-    return get_state().vp_rank
-
-
-def set_virtual_pipeline_rank(rank: int) -> None:
-    get_state().vp_rank = rank
-
-
 def get_virtual_pipeline_world_size() -> Optional[int]:
     return get_state().vp_size
 
 
-def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
+def is_pipeline_first_stage(virtual_rank: Optional[int] = None) -> bool:
+    """This rank is the first pipeline stage; given the virtual rank of one of its model chunks
+    (interleaved schedule), whether that chunk is the model's first (it embeds)."""
     state = get_state()
-    if not ignore_virtual and state.vp_size is not None and state.vp_rank != 0:
+    if virtual_rank is not None and state.vp_size is not None and virtual_rank != 0:
         return False
     return state.pp_rank == 0
 
 
-def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
+def is_pipeline_last_stage(virtual_rank: Optional[int] = None) -> bool:
+    """This rank is the last pipeline stage; given the virtual rank of one of its model chunks,
+    whether that chunk is the model's last (it computes the loss)."""
     state = get_state()
-    if not ignore_virtual and state.vp_size is not None and state.vp_rank != state.vp_size - 1:
+    if virtual_rank is not None and state.vp_size is not None and virtual_rank != state.vp_size - 1:
         return False
     return state.pp_rank == state.pp_size - 1
 

@@ -143,13 +143,13 @@ def communicate(tensor_send_next: Optional[torch.Tensor], tensor_send_prev: Opti
     return from_prev, from_next
 
 
-# ---- 1F1B helpers: they know which stages have no neighbour (ignoring virtual chunks) ----------
+# ---- 1F1B helpers: they know which physical stages have no neighbour ---------------------------
 def _first() -> bool:
-    return state.is_pipeline_first_stage(ignore_virtual=True)
+    return state.is_pipeline_first_stage()
 
 
 def _last() -> bool:
-    return state.is_pipeline_last_stage(ignore_virtual=True)
+    return state.is_pipeline_last_stage()
 
 
 def recv_forward(tensor_shape, dtype, device=None) -> Optional[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Pipeline schedules: no pipelining, 1F1B, and interleaved 1F1B (Narayanan et al., 2021).
+"""Pipeline schedules: no pipelining, 1F1B, and interleaved 1F1B (Narayanan et al., 2021); the
+whole story, with the rules the point-to-point traffic obeys, is docs/pipeline.md.
 
 One entry point, `forward_backward`, picks the schedule from `megaglot.parallel.state`:
 
@@ -8,19 +9,12 @@ One entry point, `forward_backward`, picks the schedule from `megaglot.parallel.
 * pp > 1, v > 1 virtual stages: Megatron's interleaved 1F1B. Chunk c of stage r holds global chunk
   `c * p + r`; microbatches go through the chunks in groups of p. Needs M % p == 0 and M >= p.
 
-Loss. On the last stage `forward_step` returns each microbatch's scalar loss; the schedule
-backpropagates `loss / M` and returns the detached mean of the M losses. When each microbatch loss
-is a mean over the same number of tokens, that mean (and every gradient) equals one
-single-process step over the whole global batch. With unequal token counts (loss masks), weight
-the per-microbatch losses accordingly inside `forward_step`.
-
 Memory. After an activation is sent downstream its storage is replaced by a 1-element tensor
 (Megatron's `deallocate_output_tensor`): the autograd node stays alive, the next stage holds the
 data. Backward then runs through the autograd engine directly (`_backward_through`), which checks
 the incoming gradient against the node's recorded shape rather than the emptied tensor's.
-The number of stored (input, output) pairs, i.e. forwards whose backward has not run, is
-counted per chunk; `last_stats()` returns the counts of the latest call with their maxima and
-the schedule's bound (`activation_bound`):
+The stored (input, output) pairs, i.e. forwards whose backward has not run, are counted per chunk
+into the `ScheduleStats` the caller passes, against the schedule's bound (`activation_bound`):
 
 * 1F1B: `min(p - r, M)` on stage r (the warm-up forwards plus the one of the steady state);
 * interleaved: `min((p - r - 1) * 2 + (v - 1) * p + 1, M * v)` chunk activations on stage r
@@ -30,13 +24,14 @@ the schedule's bound (`activation_bound`):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from megaglot.config import ConfigError
+from megaglot.config import ConfigError, check_pipeline_split
 from megaglot.parallel import state
 from megaglot.pipeline import p2p
 from megaglot.pipeline.timeline import Timeline
@@ -61,9 +56,8 @@ def check_schedule(num_microbatches: int, pipeline_size: int, virtual_size: Opti
         if m % p:
             raise ConfigError(f"interleaved 1F1B runs microbatches in groups of p: M = {m} is not divisible "
                               f"by --pipeline-model-parallel-size p = {p}")
-    if num_layers is not None and num_layers % (p * (v or 1)):
-        raise ConfigError(f"--num-layers {num_layers} is not divisible by pipeline x virtual size = "
-                          f"{p} x {v or 1} = {p * (v or 1)}")
+    if num_layers is not None:
+        check_pipeline_split(num_layers, p, v)
     if num_chunks is not None and num_chunks != (v or 1):
         raise ConfigError(f"got {num_chunks} model chunks on this rank but the virtual pipeline size is {v or 1}")
 
@@ -83,7 +77,8 @@ def activation_bound(pipeline_size: int, pipeline_rank: int, num_microbatches: i
 
 @dataclass
 class ScheduleStats:
-    """Stored (input, output) pairs of the latest call: live now and the maximum seen."""
+    """Stored (input, output) pairs of one call: live now and the maximum seen. The caller makes one
+    and passes it to `forward_backward(stats=...)`, which resets and fills it (no module state)."""
 
     schedule: str = ""
     live: List[int] = field(default_factory=list)
@@ -91,6 +86,11 @@ class ScheduleStats:
     live_total: int = 0
     max_live_total: int = 0
     bound: int = 0
+
+    def reset(self, schedule: str, num_chunks: int, bound: int) -> None:
+        self.schedule, self.bound = schedule, bound
+        self.live, self.max_live = [0] * num_chunks, [0] * num_chunks
+        self.live_total = self.max_live_total = 0
 
     def store(self, chunk: int) -> None:
         self.live[chunk] += 1
@@ -101,15 +101,6 @@ class ScheduleStats:
     def release(self, chunk: int) -> None:
         self.live[chunk] -= 1
         self.live_total -= 1
-
-
-class _Last:
-    stats: Optional[ScheduleStats] = None
-
-
-def last_stats() -> Optional[ScheduleStats]:
-    """Counters of the most recent `forward_backward` call in this process."""
-    return _Last.stats
 
 
 # ---- the pieces every schedule shares ---------------------------------------------------------
@@ -132,22 +123,16 @@ def _backward_through(output: torch.Tensor, grad: Optional[torch.Tensor]) -> Non
 class _Runner:
     """Holds one call's arguments and runs single forward/backward steps of one chunk."""
 
-    def __init__(self, chunks, microbatches, forward_step, tensor_shape, dtype, forward_only, timeline,
+    def __init__(self, chunks, microbatches, forward_step, *, tensor_shape, dtype, forward_only, timeline,
                  stats: ScheduleStats, device=None):
         self.chunks, self.microbatches, self.forward_step = chunks, microbatches, forward_step
         self.tensor_shape, self.dtype, self.device = tuple(tensor_shape), dtype, device
         self.forward_only, self.timeline, self.stats = forward_only, timeline, stats
         self.num_microbatches = len(microbatches)
         self.loss_sum: Optional[torch.Tensor] = None
-        self.virtual = state.get_virtual_pipeline_world_size() is not None
-
-    def set_chunk(self, chunk: int) -> None:
-        if self.virtual:
-            state.set_virtual_pipeline_rank(chunk)
 
     def forward(self, chunk: int, microbatch: int, input_tensor: Optional[torch.Tensor]) -> torch.Tensor:
-        self.set_chunk(chunk)
-        last = state.is_pipeline_last_stage()
+        last = state.is_pipeline_last_stage(virtual_rank=chunk)  # the model's last chunk returns the loss
         if self.timeline is not None:
             with self.timeline.span("F", microbatch, chunk):
                 output = self.forward_step(self.chunks[chunk], input_tensor, self.microbatches[microbatch])
@@ -166,8 +151,7 @@ class _Runner:
         return output
 
     def backward(self, chunk: int, microbatch: int, input_tensor, output_tensor, output_grad):
-        self.set_chunk(chunk)
-        span = self.timeline.span("B", microbatch, chunk) if self.timeline is not None else _null()
+        span = self.timeline.span("B", microbatch, chunk) if self.timeline is not None else contextlib.nullcontext()
         with span:
             if output_tensor.requires_grad:
                 _backward_through(output_tensor, output_grad)
@@ -178,14 +162,6 @@ class _Runner:
         if self.loss_sum is None:
             return None
         return (self.loss_sum / self.num_microbatches).detach()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- schedules --------------------------------------------------------------------------------
@@ -199,7 +175,7 @@ def _no_pipelining(run: _Runner) -> None:
 def _one_f_one_b(run: _Runner) -> None:
     p, r, m = state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank(), run.num_microbatches
     shape, dtype, dev = run.tensor_shape, run.dtype, run.device
-    last = state.is_pipeline_last_stage(ignore_virtual=True)
+    last = state.is_pipeline_last_stage()
     warmup = min(p - r - 1, m)
     remaining = m - warmup
     inputs: List[Optional[torch.Tensor]] = []
@@ -249,181 +225,172 @@ def _one_f_one_b(run: _Runner) -> None:
             p2p.send_backward(input_grad, shape, dtype, dev)
 
 
-def _interleaved(run: _Runner) -> None:
-    """Megatron-LM's forward_backward_pipelining_with_interleaving with overlap_p2p_comm, step for step."""
-    p, r = state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank()
-    v = len(run.chunks)
-    m = run.num_microbatches
-    shape, dtype, dev = run.tensor_shape, run.dtype, run.device
-    forward_only = run.forward_only
-    total = m * v
-    inputs: List[list] = [[] for _ in range(v)]
-    outputs: List[list] = [[] for _ in range(v)]
-    output_grads: List[list] = [[] for _ in range(v)]
+class _Interleaved:
+    """Megatron-LM's forward_backward_pipelining_with_interleaving with overlap_p2p_comm, step for step.
 
-    all_warmup = False
-    if forward_only:
-        warmup = total
-    elif m == p:
-        warmup, all_warmup = total, True
-    else:
-        warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
-    remaining = total - warmup
+    Every exchange is posted without waiting (p2p.Pending) and waited on right before its buffers
+    are needed: the activation for the next forward before that forward, the gradient for the next
+    backward before that backward. A forward therefore never waits for a gradient it does not use
+    (one combined exchange per step would make a stage wait for the first gradient before its next
+    forward at the end of the warm-up), and message latency can hide behind compute.
+    """
 
-    def chunk_of(k: int, forward: bool) -> int:
-        c = (k % (p * v)) // p
-        return c if forward else v - c - 1
+    def __init__(self, run: _Runner):
+        self.run, self.comm = run, (run.tensor_shape, run.dtype, run.device)
+        p, r = self.p, self.r = state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank()
+        v, m = self.v, self.m = len(run.chunks), run.num_microbatches
+        self.total = total = m * v
+        self.inputs: List[list] = [[] for _ in range(v)]
+        self.outputs: List[list] = [[] for _ in range(v)]
+        self.output_grads: List[list] = [[] for _ in range(v)]
+        self.all_warmup = not run.forward_only and m == p  # Megatron then runs every forward first
+        if run.forward_only or self.all_warmup:
+            self.warmup = total
+        else:
+            self.warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
+        self.remaining = total - self.warmup
+        self.first_physical, self.last_physical = r == 0, r == p - 1
+        self.fwd_pending = self.bwd_pending = p2p.Pending.done()
 
-    def microbatch_of(k: int) -> int:
-        return (k // (p * v)) * p + k % p
+    def chunk_of(self, k: int, forward: bool) -> int:
+        c = (k % (self.p * self.v)) // self.p
+        return c if forward else self.v - c - 1
 
-    def first_stage_of(chunk):  # virtual first stage (chunk 0 on stage 0)
-        return r == 0 and chunk == 0
+    def microbatch_of(self, k: int) -> int:
+        return (k // (self.p * self.v)) * self.p + k % self.p
 
-    def last_stage_of(chunk):
-        return r == p - 1 and chunk == v - 1
+    def first_stage_of(self, chunk: int) -> bool:  # virtual first stage (chunk 0 on stage 0)
+        return self.r == 0 and chunk == 0
 
-    def forward_k(k: int):
-        c = chunk_of(k, True)
-        if first_stage_of(c) and len(inputs[c]) == len(outputs[c]):
-            inputs[c].append(None)
-        output = run.forward(c, microbatch_of(k), inputs[c][-1])
-        outputs[c].append(output)
-        if forward_only:
-            inputs[c].pop()
-            outputs[c].pop()
+    def last_stage_of(self, chunk: int) -> bool:
+        return self.r == self.p - 1 and chunk == self.v - 1
+
+    def forward_k(self, k: int):
+        c = self.chunk_of(k, True)
+        inputs, outputs = self.inputs[c], self.outputs[c]
+        if self.first_stage_of(c) and len(inputs) == len(outputs):
+            inputs.append(None)
+        output = self.run.forward(c, self.microbatch_of(k), inputs[-1])
+        outputs.append(output)
+        if self.run.forward_only:
+            inputs.pop()
+            outputs.pop()
         return output
 
-    def backward_k(k: int):
-        c = chunk_of(k, False)
-        if last_stage_of(c) and len(output_grads[c]) == 0:
-            output_grads[c].append(None)
-        return run.backward(c, microbatch_of(k), inputs[c].pop(0), outputs[c].pop(0), output_grads[c].pop(0))
+    def backward_k(self, k: int):
+        c = self.chunk_of(k, False)
+        if self.last_stage_of(c) and len(self.output_grads[c]) == 0:
+            self.output_grads[c].append(None)
+        return self.run.backward(c, self.microbatch_of(k), self.inputs[c].pop(0), self.outputs[c].pop(0),
+                                 self.output_grads[c].pop(0))
 
-    first_physical, last_physical = r == 0, r == p - 1
-    # Every exchange is posted without waiting (p2p.Pending) and waited on right before its
-    # buffers are needed: the activation for the next forward before that forward, the gradient
-    # for the next backward before that backward. A forward therefore never waits for a gradient
-    # it does not use (one combined exchange per step would make a stage wait for the first
-    # gradient before its next forward at the end of the warm-up), and message latency can hide
-    # behind compute.
-    inputs[0].append(p2p.recv_forward(shape, dtype, dev))  # None on the first stage
-    fwd_pending = bwd_pending = p2p.Pending.done()
-    for k in range(warmup):
-        fwd_pending.wait()
-        output = forward_k(k)
-        next_c = chunk_of(k + 1, True)
-        recv_prev = not (first_physical and next_c == 0)
-        if k == total - 1:
-            recv_prev = False
-        if last_stage_of(chunk_of(k, True)):
+    def __call__(self) -> None:
+        self.inputs[0].append(p2p.recv_forward(*self.comm))  # None on the first stage
+        for k in range(self.warmup):
+            self.warmup_step(k)
+        for k in range(self.remaining):
+            self.steady_step(k)
+        self.fwd_pending.wait()  # the last forward's send
+        if not self.run.forward_only:
+            self.cooldown()
+
+    def warmup_step(self, k: int) -> None:
+        self.fwd_pending.wait()
+        output = self.forward_k(k)
+        next_c = self.chunk_of(k + 1, True)
+        recv_prev = not (self.first_physical and next_c == 0) and k != self.total - 1
+        if self.last_stage_of(self.chunk_of(k, True)):
             output = None
-        input_tensor, fwd_pending = p2p.send_forward_recv_forward(output, recv_prev, shape, dtype, dev, wait=False)
-        if k == warmup - 1 and not forward_only and not all_warmup:
-            output_grad, bwd_pending = p2p.send_backward_recv_backward(
-                None, not last_physical, shape, dtype, dev, wait=False)
-            output_grads[v - 1].append(output_grad)
-        inputs[next_c].append(input_tensor)
-        if not forward_only:
+        input_tensor, self.fwd_pending = p2p.send_forward_recv_forward(output, recv_prev, *self.comm, wait=False)
+        if k == self.warmup - 1 and not self.run.forward_only and not self.all_warmup:
+            output_grad, self.bwd_pending = p2p.send_backward_recv_backward(
+                None, not self.last_physical, *self.comm, wait=False)
+            self.output_grads[self.v - 1].append(output_grad)
+        self.inputs[next_c].append(input_tensor)
+        if not self.run.forward_only:
             deallocate_output_tensor(output)
 
-    for k in range(remaining):
-        fk, bk = k + warmup, k
-        fwd_pending.wait()
-        output = forward_k(fk)
-        if last_stage_of(chunk_of(fk, True)):
+    def steady_step(self, k: int) -> None:
+        p, v = self.p, self.v
+        fk, bk = k + self.warmup, k
+        self.fwd_pending.wait()
+        output = self.forward_k(fk)
+        if self.last_stage_of(self.chunk_of(fk, True)):
             output = None
-        recv_prev = True
-        if first_physical:
-            # The first stage is p - 1 forwards ahead of the last one.
-            next_fc = chunk_of(fk - (p - 1), True)
-            if next_fc == v - 1:
-                recv_prev = False
+        recv_prev = k != self.remaining - 1
+        if self.first_physical:  # the first stage is p - 1 forwards ahead of the last one
+            next_fc = self.chunk_of(fk - (p - 1), True)
+            recv_prev = recv_prev and next_fc != v - 1
             next_fc += 1
         else:
-            next_fc = chunk_of(fk + 1, True)
-        if k == remaining - 1:
-            recv_prev = False
-        input_tensor, fwd_pending = p2p.send_forward_recv_forward(output, recv_prev, shape, dtype, dev, wait=False)
+            next_fc = self.chunk_of(fk + 1, True)
+        input_tensor, self.fwd_pending = p2p.send_forward_recv_forward(output, recv_prev, *self.comm, wait=False)
         deallocate_output_tensor(output)
-
-        bwd_pending.wait()
-        input_grad = backward_k(bk)
-        if first_stage_of(chunk_of(bk, False)):
+        self.bwd_pending.wait()
+        input_grad = self.backward_k(bk)
+        if self.first_stage_of(self.chunk_of(bk, False)):
             input_grad = None
         recv_next = True
-        if last_physical:
-            next_bc = chunk_of(bk - (p - 1), False)
-            if next_bc == 0:
-                recv_next = False
+        if self.last_physical:
+            next_bc = self.chunk_of(bk - (p - 1), False)
+            recv_next = next_bc != 0
             next_bc -= 1
         else:
-            next_bc = chunk_of(bk + 1, False)
-        output_grad, bwd_pending = p2p.send_backward_recv_backward(input_grad, recv_next, shape, dtype, dev,
-                                                                   wait=False)
+            next_bc = self.chunk_of(bk + 1, False)
+        output_grad, self.bwd_pending = p2p.send_backward_recv_backward(input_grad, recv_next, *self.comm,
+                                                                        wait=False)
         if recv_prev:
-            inputs[next_fc].append(input_tensor)
+            self.inputs[next_fc].append(input_tensor)
         if recv_next:
-            output_grads[next_bc].append(output_grad)
+            self.output_grads[next_bc].append(output_grad)
 
-    fwd_pending.wait()  # the last forward's send
-    if not forward_only:
-        bwd_pending.wait()
-        if all_warmup:
-            output_grads[v - 1].append(p2p.recv_backward(shape, dtype, dev))  # None on the last stage
-        for k in range(remaining, total):
-            input_grad = backward_k(k)
-            next_bc = chunk_of(k + 1, False)
-            recv_next = not (last_physical and next_bc == v - 1)
-            if k == total - 1:
-                recv_next = False
-            if first_stage_of(chunk_of(k, False)):
+    def cooldown(self) -> None:
+        self.bwd_pending.wait()
+        if self.all_warmup:
+            self.output_grads[self.v - 1].append(p2p.recv_backward(*self.comm))  # None on the last stage
+        for k in range(self.remaining, self.total):
+            input_grad = self.backward_k(k)
+            next_bc = self.chunk_of(k + 1, False)
+            recv_next = not (self.last_physical and next_bc == self.v - 1) and k != self.total - 1
+            if self.first_stage_of(self.chunk_of(k, False)):
                 input_grad = None
-            output_grads[next_bc].append(
-                p2p.send_backward_recv_backward(input_grad, recv_next, shape, dtype, dev))
+            self.output_grads[next_bc].append(p2p.send_backward_recv_backward(input_grad, recv_next, *self.comm))
 
 
 # ---- entry point ------------------------------------------------------------------------------
-def forward_backward(chunks: Sequence[nn.Module], microbatches: Sequence, forward_step: ForwardStep,
+def forward_backward(chunks: Sequence[nn.Module], microbatches: Sequence, forward_step: ForwardStep, *,
                      tensor_shape: Sequence[int], dtype: torch.dtype, forward_only: bool = False,
-                     timeline: Optional[Timeline] = None, device: Optional[torch.device] = None
-                     ) -> Optional[torch.Tensor]:
+                     timeline: Optional[Timeline] = None, device: Optional[torch.device] = None,
+                     stats: Optional[ScheduleStats] = None) -> Optional[torch.Tensor]:
     """Run forward (and backward) of all microbatches through this rank's chunks.
 
-    chunks: this rank's model chunks, `len == virtual pipeline size` (1 when not interleaved).
+    chunks: this rank's model chunks, `len == virtual pipeline size` (1 when not interleaved);
+        chunk c is virtual rank c (`state.is_pipeline_last_stage(virtual_rank=c)`).
     microbatches: the same M microbatch objects on every stage (the first stage feeds them to the
         model, the last reads labels from them).
     forward_step(chunk, input_tensor_or_None, microbatch) -> Tensor: the scalar loss of the
-        microbatch on the last stage (`is_pipeline_last_stage()` for the current virtual rank), the
-        activation to send (`tensor_shape`, `dtype`) elsewhere. `input_tensor` is None on the
-        first stage; a received activation (requires_grad) otherwise.
+        microbatch for the model's last chunk (chunk v - 1 of the last stage; a GPTChunk knows it
+        as `post_process`), the activation to send (`tensor_shape`, `dtype`) for any other chunk.
+        `input_tensor` is None for the model's first chunk; a received activation (requires_grad)
+        otherwise.
     forward_only: evaluation; no graphs are built (torch.no_grad) and nothing is stored.
     timeline: records (op, microbatch, chunk, start, end) of every forward and backward.
-    Returns the mean loss over microbatches (detached) on the last stage, None elsewhere.
+    stats: a ScheduleStats to reset and fill with this call's stored-activation counts.
+    Returns the mean loss over microbatches (detached) on the last stage, None elsewhere: one
+    single-process step over the global batch when every microbatch loss is a mean over as many
+    tokens (with unequal counts, weight the microbatch losses inside `forward_step`).
     Gradients accumulate into the parameters' .grad (data-parallel reduction is the caller's).
     """
     p = state.get_pipeline_parallel_world_size()
     v = state.get_virtual_pipeline_world_size()
     interleaved = v is not None and v > 1
     check_schedule(len(microbatches), p, v, num_chunks=len(chunks))
-    if p == 1:
-        name = "no-pipelining"
-    else:
-        name = "interleaved-1f1b" if interleaved else "1f1b"
-    stats = ScheduleStats(schedule=name, live=[0] * len(chunks), max_live=[0] * len(chunks),
-                          bound=activation_bound(p, state.get_pipeline_parallel_rank(), len(microbatches), v))
-    _Last.stats = stats
-    run = _Runner(list(chunks), list(microbatches), forward_step, tensor_shape, dtype, forward_only,
-                  timeline, stats, device)
-    schedule = {"no-pipelining": _no_pipelining, "1f1b": _one_f_one_b, "interleaved-1f1b": _interleaved}[name]
-    saved_vp = state.get_virtual_pipeline_rank() if v is not None else None
-    try:
-        if forward_only:
-            with torch.no_grad():
-                schedule(run)
-        else:
-            schedule(run)
-    finally:
-        if saved_vp is not None:
-            state.set_virtual_pipeline_rank(0)
-    return run.result() if state.is_pipeline_last_stage(ignore_virtual=True) else None
+    name = "no-pipelining" if p == 1 else "interleaved-1f1b" if interleaved else "1f1b"
+    stats = stats if stats is not None else ScheduleStats()
+    stats.reset(name, len(chunks), activation_bound(p, state.get_pipeline_parallel_rank(), len(microbatches), v))
+    run = _Runner(list(chunks), list(microbatches), forward_step, tensor_shape=tensor_shape, dtype=dtype,
+                  forward_only=forward_only, timeline=timeline, stats=stats, device=device)
+    schedule = {"no-pipelining": _no_pipelining, "1f1b": _one_f_one_b, "interleaved-1f1b": lambda r: _Interleaved(r)()}[name]
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        schedule(run)
+    return run.result() if state.is_pipeline_last_stage() else None

@@ -41,11 +41,11 @@ class _Sleep(torch.autograd.Function):
 
 
 class SleepChunk(nn.Module):
-    """x * w, then `seconds` of sleep forward (2x backward)."""
+    """x * w, then `seconds` of sleep forward (2x backward). `post_process`: the model's last chunk."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, post_process: bool):
         super().__init__()
-        self.seconds = seconds
+        self.seconds, self.post_process = seconds, post_process
         self.weight = nn.Parameter(torch.ones(HIDDEN))
 
     def forward(self, x):
@@ -53,11 +53,9 @@ class SleepChunk(nn.Module):
 
 
 def _forward_step(chunk, input_tensor, microbatch):
-    from megaglot.parallel import state
-
     x = microbatch if input_tensor is None else input_tensor
     out = chunk(x)
-    return out.mean() if state.is_pipeline_last_stage() else out
+    return out.mean() if chunk.post_process else out
 
 
 def _run_all(pipeline: int, runs: Sequence[Tuple[Optional[int], int]], forward_s: float) -> List[Dict[int, list]]:
@@ -69,14 +67,16 @@ def _run_all(pipeline: int, runs: Sequence[Tuple[Optional[int], int]], forward_s
     for virtual, m in runs:
         state.initialize(1, pipeline, virtual if (virtual or 1) > 1 else None)
         v = virtual or 1
-        chunks = [SleepChunk(forward_s / v) for _ in range(v)]
+        chunks = [SleepChunk(forward_s / v, post_process=state.is_pipeline_last_stage(virtual_rank=c))
+                  for c in range(v)]
         mbs = [torch.randn(1, 1, HIDDEN) for _ in range(m)]
         # One untimed warm-up (first gloo connections), then the timed run.
         warm = [torch.randn(1, 1, HIDDEN) for _ in range(pipeline)]
-        forward_backward(chunks, warm, _forward_step, (1, 1, HIDDEN), torch.float32)
+        forward_backward(chunks, warm, _forward_step, tensor_shape=(1, 1, HIDDEN), dtype=torch.float32)
         dist.barrier()
         timeline = Timeline()
-        forward_backward(chunks, mbs, _forward_step, (1, 1, HIDDEN), torch.float32, timeline=timeline)
+        forward_backward(chunks, mbs, _forward_step, tensor_shape=(1, 1, HIDDEN), dtype=torch.float32,
+                         timeline=timeline)
         results.append(timeline.gather())
         state.destroy()
     return results
