@@ -75,7 +75,7 @@ def test_progress_on_rank_0_only():
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
     """A byte-level BPE too small to hold Korean syllables whole, and a random checkpoint for it."""
-    from megaglot.checkpoint.reshard import write_random_checkpoint
+    from checkpoint_fixtures import write_random_checkpoint
     from megaglot.config import get_model_preset
     from megaglot.data.tokenizer import train_tokenizer
 

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint_fixtures import write_random_checkpoint
 from dist_harness import run_distributed
 from megaglot.checkpoint import reshard as reshard_module
 from megaglot.checkpoint.format import CheckpointError, CheckpointReader, resolve
-from megaglot.checkpoint.reshard import reshard, verify_same, write_random_checkpoint
+from megaglot.checkpoint.reshard import plan_reshard, reshard, verify_same
 from megaglot.config import ConfigError, ModelConfig, get_model_preset
 from test_training import SEQ, SyntheticTokens, configs, full_state, local_state
 
@@ -241,6 +242,35 @@ def test_target_layouts_that_do_not_divide_the_model(tmp_path):
     # a model-only checkpoint reshards too (a converted one, say)
     out = reshard(src, save, 1, 2, verify=True)
     assert {kind for kind, _ in CheckpointReader(out).pieces} == {"model"}
+
+
+def test_plan_step_checks_the_target_and_writes_nothing(small, tmp_path):
+    """The plan step alone: a bad target fails before anything exists at --save; a good plan covers
+    every tensor of every kind exactly once, writes nothing, and the write step produces exactly
+    its files, bit-identical to the source."""
+    save = str(tmp_path / "out")
+    with pytest.raises(ConfigError, match="--target-tensor-parallel-size 3 does not divide --num-attention-heads 4"):
+        plan_reshard(small, save, 3, 1)
+    with pytest.raises(ConfigError, match="--target-pipeline-parallel-size 3 does not divide --num-layers 4"):
+        plan_reshard(small, save, 1, 3)
+    assert not os.path.exists(save)
+    plan = plan_reshard(small, save, 4, 2, dp=3)
+    assert not os.path.exists(save), "planning writes nothing"
+    covered, planned = {}, set()
+    for stage in plan.stages:
+        for position in stage.positions:
+            for part, entries in position.items():
+                planned.add(part)
+                for e in entries:
+                    covered[(e["kind"], e["name"])] = covered.get((e["kind"], e["name"]), 0) + e["end"] - e["start"]
+    assert set(covered) == {(kind, name) for kind in ("model", "master", "exp_avg", "exp_avg_sq")
+                            for name in plan.specs}
+    for (kind, name), n in covered.items():  # TP-split: all TP shards; TP-replicated: one copy
+        assert n == torch.Size(plan.specs[name][0]).numel(), (kind, name)
+    assert len(planned) == 4 * 2 * (1 + 3)  # TP x PP positions, each a model part and 3 DP optimizer parts
+    out = reshard_module.write_reshard(plan)
+    assert {f[:-len(".safetensors")] for f in os.listdir(out) if f.endswith(".safetensors")} == planned
+    assert verify_same(small, out) == 4 * len(plan.specs)
 
 
 def test_save_paths_that_would_touch_the_source_or_another_checkpoint(small, tmp_path):

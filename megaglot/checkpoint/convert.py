@@ -30,8 +30,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from safetensors import safe_open
 
-from megaglot.checkpoint.format import (MODEL, CheckpointError, CheckpointReader, iteration_dir_name, publish,
-                                        resolve, staging_dir, write_json, write_metadata)
+from megaglot.checkpoint.format import (MODEL, CheckpointError, CheckpointReader, iteration_dir_name, layout_record,
+                                        model_config_of, model_part_name, publish, resolve, staging_dir, write_json,
+                                        write_metadata)
 from megaglot.checkpoint.hf import (VOCAB_PADDED, hf_config_from_model_config, hf_name, hf_names,
                                     is_ignored_hf_tensor, model_config_from_hf)
 from megaglot.checkpoint.sharding import shard
@@ -45,11 +46,6 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "tokenizer.model")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
-
-
-
-def part_name(tp_rank: int, pp_rank: int) -> str:
-    return f"model_tp{tp_rank:02d}_pp{pp_rank:02d}"
 
 
 # ---- reading a Hugging Face directory lazily --------------------------------------------------
@@ -264,7 +260,7 @@ def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage
                                      tp_size=tp, tp_rank=tp_rank, start=0,
                                      end=numel(shape) // (tp if dim is not None else 1),
                                      dtype=weights.meta[sources[name]][1]))
-                writers.append(StreamingPart(staged, part_name(tp_rank, pp_rank), plan))
+                writers.append(StreamingPart(staged, model_part_name(tp_rank, pp_rank), plan))
             for name in names:
                 full = _padded(weights.get(sources[name]), name, cfg)
                 _, dim = specs[name]
@@ -277,10 +273,9 @@ def import_hf(hf_dir: str, save: str, tp: int, pp: int, layers_per_virtual_stage
             log(f"stage {pp_rank + 1}/{pp}: {len(names)} tensors x {tp} TP shards written")
         weights.close()
         write_metadata(staged, iteration=0, consumed_samples=0, model=cfg.to_dict(),
-                       parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                                 "num_layers_per_virtual_pipeline_stage": layers_per_virtual_stage,
-                                 "data_parallel_size": 1, "sequence_parallel": False,
-                                 "use_distributed_optimizer": False},
+                       parallel=layout_record(tp, pp, vp if vp > 1 else None, 1,
+                                              num_layers_per_virtual_pipeline_stage=layers_per_virtual_stage,
+                                              sequence_parallel=False, use_distributed_optimizer=False),
                        optimizer=None, scheduler=None, grad_scaler=None,
                        source={"hf_dir": os.path.abspath(hf_dir), "format": weights.format})
     except BaseException:
@@ -313,6 +308,22 @@ def _copy_tokenizer(tokenizer: str, out: str) -> List[str]:
     return [os.path.basename(tokenizer)]
 
 
+def _plan_hf_files(specs, dtypes, cfg: ModelConfig, max_shard_bytes: int):
+    """The HF files' tensors: model order, a new file when the next tensor would pass
+    max_shard_bytes. Returns ([names per file], {name: un-padded shape}, total bytes)."""
+    files: List[List[str]] = [[]]
+    shapes, size, total = {}, 0, 0
+    for name, (shape, _) in specs.items():
+        shapes[name] = ((cfg.vocab_size,) + shape[1:]) if name in VOCAB_PADDED else shape
+        nbytes = numel(shapes[name]) * torch.empty((), dtype=dtypes[name]).element_size()
+        if files[-1] and size + nbytes > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(name)
+        size, total = size + nbytes, total + nbytes
+    return files, shapes, total
+
+
 def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=None, quiet: bool = False) -> str:
     """Write the model of megaglot checkpoint `load` (a root with `latest`, or an iteration
@@ -322,10 +333,7 @@ def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
     if not os.path.isdir(load):
         raise CheckpointError(f"{load}: no such checkpoint directory")
     reader = CheckpointReader(resolve(load))
-    meta_path = os.path.join(reader.directory, "metadata.json")
-    if "model" not in reader.metadata:
-        raise CheckpointError(f"{meta_path}: no model config")
-    cfg = ModelConfig.from_dict(reader.metadata["model"])
+    cfg = model_config_of(reader)
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise CheckpointError(f"{tokenizer}: no such tokenizer file or directory")
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
@@ -339,18 +347,8 @@ def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
             raise CheckpointError(f"{reader.directory}: tensor {name} has global shape "
                                   f"{tuple(reader.info(MODEL, name).global_shape)}, its model config implies {shape}")
 
-    # plan the files: model order, a new file when the next tensor would pass max_shard_bytes
     dtypes = {name: _stored_dtype(reader, name) for name in specs}
-    files: List[List[str]] = [[]]
-    shapes, size, total = {}, 0, 0
-    for name, (shape, _) in specs.items():
-        shapes[name] = ((cfg.vocab_size,) + shape[1:]) if name in VOCAB_PADDED else shape
-        nbytes = numel(shapes[name]) * torch.empty((), dtype=dtypes[name]).element_size()
-        if files[-1] and size + nbytes > max_shard_bytes:
-            files.append([])
-            size = 0
-        files[-1].append(name)
-        size, total = size + nbytes, total + nbytes
+    files, shapes, total = _plan_hf_files(specs, dtypes, cfg, max_shard_bytes)
     n = len(files)
     file_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 

@@ -16,6 +16,11 @@ loading at another TP/PP/DP layout and offline resharding share this one reader.
 a checkpoint was saved at, a rank reads only its own shard (`shard`, `shard_range`): no rank
 moves the whole model through memory to load its part of it. Nothing is
 unpickled: tensors are safetensors, everything else is JSON.
+
+This module is the one place the format is spelled: part names, tensor kinds, the layout record
+(metadata.json's `parallel` section) and the model config a checkpoint describes. Training
+(`training_state`), resharding, HF conversion and the test fixtures all write through it, and the
+check of a checkpoint against its model (`check.check_checkpoint`) reads through it.
 """
 
 from __future__ import annotations
@@ -25,14 +30,20 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megaglot.config import ConfigError, ModelConfig
+
 FORMAT_VERSION = 1
-MODEL = "model"  # the kind of parameters; optimizer kinds: "master", "exp_avg", "exp_avg_sq"
+MODEL = "model"
+"""The kind of the model's parameters (in their training dtype)."""
+OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
+"""The kinds of optimizer state (fp32 master weights and Adam's moments): a checkpoint holds all
+three or none (a model-only checkpoint, e.g. a converted one)."""
 
 
 class CheckpointError(ValueError):
@@ -48,6 +59,40 @@ def _numel(shape) -> int:
 
 def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+# ---- part names: one file pair per writer ----------------------------------------------------
+def model_part_name(tp_rank: int, pp_rank: int) -> str:
+    """The model tensors of one (TP, PP) position (written by its DP rank 0)."""
+    return f"model_tp{tp_rank:02d}_pp{pp_rank:02d}"
+
+
+def optimizer_part_name(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
+    """The optimizer state of one (TP, PP) position: DP rank 0's, or with the distributed optimizer
+    each DP rank's own flat ranges."""
+    return f"optim_tp{tp_rank:02d}_pp{pp_rank:02d}_dp{dp_rank:03d}"
+
+
+# ---- the layout record: metadata.json's `parallel` section -----------------------------------
+def layout_record(tp: int, pp: int, vp: Optional[int], dp: int, **extra) -> dict:
+    """The `parallel` section a checkpoint is saved with. Every writer goes through here, so that
+    `read_layout` and the same-layout test (RNG states are restored, or copied by the resharder,
+    only at the layout they were saved at) compare like with like. `vp` is written as given."""
+    return dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_size=vp,
+                data_parallel_size=dp, world_size=tp * pp * dp, **extra)
+
+
+def read_layout(meta: dict) -> dict:
+    """{tp, pp, vp, dp} of the metadata's `parallel` section, as far as it says (None where it does
+    not; vp None for one chunk per stage). Reads `layout_record`'s keys and the older converter's
+    `num_layers_per_virtual_pipeline_stage`."""
+    par = meta.get("parallel") or {}
+    vp = par.get("virtual_pipeline_size")
+    k = par.get("num_layers_per_virtual_pipeline_stage")
+    if vp is None and k and "model" in meta:
+        vp = meta["model"]["num_layers"] // (par.get("pipeline_model_parallel_size", 1) * k)
+    return dict(tp=par.get("tensor_model_parallel_size"), pp=par.get("pipeline_model_parallel_size"),
+                vp=vp if vp and vp > 1 else None, dp=par.get("data_parallel_size"))
 
 
 @dataclass
@@ -284,6 +329,18 @@ def resolve(path: str) -> str:
         raise CheckpointError(f"{latest}: points at {name}, which is missing or incomplete")
     return directory
 
+
+def model_config_of(reader: "CheckpointReader") -> ModelConfig:
+    """The model config metadata.json describes; CheckpointError naming the file when it is absent
+    or invalid."""
+    meta_path = os.path.join(reader.directory, "metadata.json")
+    saved = reader.metadata.get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{meta_path}: no model config ('model' section)")
+    try:
+        return ModelConfig.from_dict(saved)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: invalid model config ({e})") from None
 
 
 def write_metadata(directory: str, **fields) -> None:

@@ -26,15 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaglot.checkpoint.format import (CheckpointError, CheckpointReader, PieceWriter, publish, read_json, resolve,
-                                        staging_dir, write_json, write_metadata)
+from megaglot.checkpoint.check import check_checkpoint
+from megaglot.checkpoint.format import (CheckpointError, CheckpointReader, PieceWriter, layout_record, model_part_name,
+                                        optimizer_part_name, publish, read_json, resolve, staging_dir, write_json,
+                                        write_metadata)
 from megaglot.checkpoint.model_state import add_model_pieces, check_same_model, load_model
-from megaglot.checkpoint.reshard import check_checkpoint
 from megaglot.config import ModelConfig
 from megaglot.parallel import state
 from megaglot.parallel.random import get_rng_tracker
-
-OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -68,9 +67,9 @@ def set_rng_state(d: dict) -> None:
 
 
 def _layout() -> dict:
+    """This run's layout record (also what a loaded checkpoint's is compared with)."""
     s = state.get_state()
-    return dict(tensor_model_parallel_size=s.tp_size, pipeline_model_parallel_size=s.pp_size,
-                virtual_pipeline_size=s.vp_size, data_parallel_size=s.dp_size, world_size=dist.get_world_size())
+    return layout_record(s.tp_size, s.pp_size, s.vp_size, s.dp_size)
 
 
 def save_checkpoint(root: str, *, iteration: int, consumed_samples: int, chunks, optimizer, model_cfg: ModelConfig,
@@ -102,14 +101,14 @@ def save_checkpoint(root: str, *, iteration: int, consumed_samples: int, chunks,
 def _write_tensors(directory: str, chunks, optimizer) -> List[Tuple[str, int]]:
     """This rank's model and optimizer part files (see the module docstring for who writes what)."""
     s = state.get_state()
-    part, written = f"tp{s.tp_rank:02d}_pp{s.pp_rank:02d}", []
+    written = []
     if s.dp_rank == 0:
-        writer = PieceWriter(directory, f"model_{part}")
+        writer = PieceWriter(directory, model_part_name(s.tp_rank, s.pp_rank))
         add_model_pieces(writer, chunks)
         _drop_replicated_duplicates(writer, s.tp_rank)
         written += writer.write()
     if optimizer.distributed or s.dp_rank == 0:
-        writer = PieceWriter(directory, f"optim_{part}_dp{s.dp_rank:03d}")
+        writer = PieceWriter(directory, optimizer_part_name(s.tp_rank, s.pp_rank, s.dp_rank))
         for kind, piece, tensor in optimizer.state_pieces():
             p = piece.param
             writer.add(kind, p.global_name, tensor, global_shape=p.global_shape, partition_dim=p.partition_dim,
