@@ -22,7 +22,7 @@ int64/float32 `[b, s]` CPU tensors, moved to the device by the forward step as i
 
 Measurement. `--warmup` untimed steps, then `--iters` steps each timed by perf_counter between
 two `torch.cuda.synchronize()` calls (median and mean reported; tokens/s and TFLOP/s use the
-median). FLOPs per step are `megaglot.training.model_flops_per_iteration`, the DESIGN.md formula
+median). FLOPs per step are `megaglot.training.model_flops_per_iteration`, the docs/design.md formula
 72 B s L h^2 (1 + s/(6h) + V/(12 L h)) with the padded vocabulary; recomputation is not counted,
 so --recompute-granularity full lowers TFLOP/s by the extra forward it runs. MFU is given against
 the H100 SXM datasheet dense BF16 peak (989 TFLOP/s) and against a square matmul ceiling measured
@@ -79,9 +79,11 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megaglot.config import ATTENTION_BACKENDS, ConfigError, ParallelConfig, TrainConfig, get_model_preset  # noqa: E402
+from megaglot.config import (DTYPES, ConfigError, LoggingConfig, ModelConfig, OptimizerConfig,  # noqa: E402
+                             ParallelConfig, TrainConfig, get_model_preset)
+from megaglot.config.cli import add_field_argument, add_layout_arguments  # noqa: E402
 from megaglot.parallel import state  # noqa: E402
-from megaglot.training import (DTYPES, H100_BF16_PEAK, _peak_memory_gb, build_run, init_distributed,  # noqa: E402
+from megaglot.training import (H100_BF16_PEAK, _peak_memory_gb, build_run, init_distributed,  # noqa: E402
                                model_flops_per_iteration, shutdown, train_step)
 
 PROFILE_STEPS = 3
@@ -90,30 +92,31 @@ CEILING_REPEAT = 20
 
 
 # ---- command line --------------------------------------------------------------------------------
+def bench_preset() -> tuple:
+    """(model preset, TrainConfig) the benchmark starts from: bf16 Polyglot-Ko 1.3B, no evaluation."""
+    return "polyglot-ko-1.3b", TrainConfig(precision="bf16", eval_interval=0, logging=LoggingConfig(log_interval=1))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """Flags shared with the trainer come from megaglot.config's dataclasses (doc and type); their
+    defaults are the bench preset's values. --micro-batch-size takes a comma list to sweep."""
+    model_name, train = bench_preset()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="polyglot-ko-1.3b", help="preset name (default polyglot-ko-1.3b)")
-    g.add_argument("--num-layers", type=int, help="override the preset's layer count")
-    g.add_argument("--hidden-size", type=int, help="override the preset's hidden size (FFN = 4h unless given)")
-    g.add_argument("--num-attention-heads", type=int, help="override the preset's head count")
-    g.add_argument("--ffn-hidden-size", type=int, help="override the MLP inner width")
-    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, help="default: the preset's")
+    add_field_argument(g, ModelConfig, "name", dest="model", default=model_name)
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "attention_backend"):
+        add_field_argument(g, ModelConfig, name, default=None, shown_default="the --model preset's")
     g = p.add_argument_group("batch and precision")
-    g.add_argument("--seq-length", type=int, default=2048)
+    add_field_argument(g, TrainConfig, "seq_length", default=train.seq_length)
     g.add_argument("--micro-batch-size", default="4", help="an integer, or a comma list to sweep: 4,8,16")
-    g.add_argument("--global-batch-size", type=int,
-                   help="sequences per step over all DP ranks (default: micro-batch x DP, one microbatch per step)")
-    g.add_argument("--precision", choices=tuple(DTYPES), default="bf16")
-    g.add_argument("--recompute-granularity", choices=("none", "full", "selective"), default="none")
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1234)
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    add_field_argument(g, TrainConfig, "global_batch_size", default=None,
+                       shown_default="micro-batch x DP, one microbatch per step")
+    for name in ("precision", "recompute_granularity", "seed"):
+        add_field_argument(g, TrainConfig, name, default=getattr(train, name))
+    for name in ("clip_grad", "use_distributed_optimizer", "overlap_grad_reduce", "bucket_size"):
+        add_field_argument(g, OptimizerConfig, name, default=getattr(train.optimizer, name))
+    add_layout_arguments(p, virtual=True)
+    add_field_argument(p, ParallelConfig, "sequence_parallel", default=False)
     g = p.add_argument_group("measurement")
     g.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
     g.add_argument("--iters", type=int, default=10, help="timed steps per configuration")
@@ -148,15 +151,13 @@ def check_args(args) -> None:
 
 # ---- configuration -------------------------------------------------------------------------------
 def build_model_config(args):
-    model = get_model_preset(args.model)
+    """The --model preset with the shape flags given on top (FFN = 4h follows --hidden-size)."""
     overrides = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
                                                 "ffn_hidden_size", "attention_backend")
                  if getattr(args, k) is not None}
-    if "hidden_size" in overrides and "ffn_hidden_size" not in overrides:
-        overrides["ffn_hidden_size"] = 4 * overrides["hidden_size"]
     if any(k in overrides for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")):
-        overrides["name"] = f"{model.name} (overridden)"
-    return dataclasses.replace(model, **overrides) if overrides else model
+        overrides["name"] = f"{args.model} (overridden)"
+    return get_model_preset(args.model, **overrides)
 
 
 def build_parallel_config(args, model_cfg, world: int) -> ParallelConfig:
@@ -169,12 +170,15 @@ def build_parallel_config(args, model_cfg, world: int) -> ParallelConfig:
 
 
 def build_train_config(args, micro: int, dp: int) -> TrainConfig:
-    recompute = None if args.recompute_granularity == "none" else args.recompute_granularity
-    cfg = TrainConfig(micro_batch_size=micro, global_batch_size=args.global_batch_size or micro * dp,
-                      seq_length=args.seq_length, train_iters=args.warmup + args.iters + PROFILE_STEPS,
-                      eval_interval=0, log_interval=1, seed=args.seed, lr_warmup_iters=0, clip_grad=args.clip_grad,
-                      precision=args.precision, use_distributed_optimizer=args.use_distributed_optimizer,
-                      recompute_granularity=recompute)
+    """The bench preset with this sweep point's micro batch and the flags given."""
+    _, train = bench_preset()
+    optimizer = dataclasses.replace(train.optimizer, lr_warmup_iters=0, clip_grad=args.clip_grad,
+                                    use_distributed_optimizer=args.use_distributed_optimizer,
+                                    overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=args.bucket_size)
+    cfg = dataclasses.replace(train, micro_batch_size=micro, global_batch_size=args.global_batch_size or micro * dp,
+                              seq_length=args.seq_length, train_iters=args.warmup + args.iters + PROFILE_STEPS,
+                              seed=args.seed, precision=args.precision,
+                              recompute_granularity=args.recompute_granularity, optimizer=optimizer)
     cfg.validate(dp)
     return cfg
 
@@ -287,7 +291,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int) -> float
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     out = torch.empty(size, size, device=device, dtype=dtype)
     times, _ = time_steps(lambda: torch.matmul(a, b, out=out), device, warmup=3, iters=ceiling_repeat(device))
-    del a, b, out
+    a = b = out = None  # free the operands (a `del` would leave the lambda's names undefined to ruff's F821)
     release_memory(device)
     return 2.0 * size ** 3 / statistics.median(times)
 
@@ -467,8 +471,9 @@ def make_hf_optimizer(model, train_cfg: TrainConfig):
     """AdamW with megaglot's hyper-parameters and decay groups (matrices decay, biases/norms do not)."""
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=train_cfg.lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), eps=train_cfg.adam_eps)
+    groups = [{"params": decay, "weight_decay": train_cfg.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = train_cfg.optimizer
+    kwargs = dict(lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # fused not available for this device/dtype
@@ -504,7 +509,7 @@ def bench_hf(args, model_cfg, train_cfg, device: torch.device) -> dict:
         optimizer = make_hf_optimizer(model, train_cfg)
         num = train_cfg.global_batch_size // train_cfg.micro_batch_size
         microbatches = synthetic_microbatches(train_cfg, num, model_cfg.vocab_size, seed=args.seed)
-        step = hf_step_fn(model, optimizer, microbatches, train_cfg.clip_grad, device)
+        step = hf_step_fn(model, optimizer, microbatches, train_cfg.optimizer.clip_grad, device)
         times, loss = time_steps(step, device, args.warmup, args.iters)
         result.update(times=times, loss=float(loss), peak_gb=_peak_memory_gb(device), oom=False)
         if args.profile:
@@ -609,7 +614,7 @@ def header(args, device, model_cfg, parallel_cfg, world: int) -> str:
 def run_benchmark(args, model_cfg, sizes: list, device: torch.device) -> int:
     world = dist.get_world_size()
     parallel_cfg = build_parallel_config(args, model_cfg, world)
-    dp = parallel_cfg.data_parallel_size
+    dp = parallel_cfg.data_parallel_size_for(world)
     train_cfgs = [build_train_config(args, micro, dp) for micro in sizes]  # every size checked up front
     if args.compare and world > 1:
         raise ConfigError("--compare hf runs in a single process; run without torchrun (TP = PP = 1)")

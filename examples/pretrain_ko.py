@@ -6,6 +6,11 @@
 
 With no arguments: a tiny model over the bundled Korean sample (preprocessed on first use with a
 freshly trained tokenizer), TP=2 x PP=2 on 4 processes (another fitting layout otherwise).
+That demo preset (see demo_preset) sets --seq-length 128 --train-iters 100 --eval-interval 20
+--log-interval 10 --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 --save checkpoints/demo
+--tensorboard-dir runs/demo --generate-prompt 대한민국의 수도는; any flag given overrides it. With
+--model or --data-path, the defaults below apply (--seq-length 128 for the tiny models).
+Every flag is a field of megaglot.config's dataclasses; --x none sets an optional field to None.
 """
 
 from __future__ import annotations
@@ -20,65 +25,12 @@ DEMO_CACHE = os.path.join(ROOT, "examples", "data", "cache")
 
 
 def parse_args(argv=None):
+    """Every flag comes from a dataclass field in megaglot.config (its doc is the help); absent flags
+    are absent from the result, so the demo or model preset fills them (see build_configs)."""
+    from megaglot.config.cli import add_config_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="preset: polyglot-ko-1.3b|3.8b|5.8b|12.8b|tiny (default: tiny)")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--seq-length", type=int)
-    g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--make-vocab-size-divisible-by", type=int)
-    g.add_argument("--attention-backend", choices=("sdpa", "fused", "torch"))
-    g.add_argument("--hidden-dropout", type=float)
-    g.add_argument("--attention-dropout", type=float)
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int)
-    g.add_argument("--pipeline-model-parallel-size", type=int)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--no-overlap-grad-reduce", action="store_true")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
-                   help="how long a collective waits for its peers (default 10; raise it when --load of a large "
-                        "checkpoint or building data indices on rank 0 takes longer)")
-    g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=4)
-    g.add_argument("--global-batch-size", type=int, default=16)
-    g.add_argument("--train-iters", type=int, default=None)
-    g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=4)
-    g.add_argument("--log-interval", type=int, default=None)
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--recompute-granularity", choices=("full", "selective"))
-    prec = g.add_mutually_exclusive_group()
-    prec.add_argument("--bf16", action="store_true")
-    prec.add_argument("--fp16", action="store_true")
-    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--min-lr", type=float, default=None)
-    g.add_argument("--lr-warmup-iters", type=int, default=None)
-    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
-    g.add_argument("--lr-decay-iters", type=int)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", help="prefixes of .bin/.idx, optionally weighted: 0.7 ko 0.3 en")
-    g.add_argument("--data-balance", help="temperature:ALPHA (1 natural, 0 uniform)")
-    g.add_argument("--split", default="969,30,1")
-    g.add_argument("--tokenizer", help="tokenizer.json the data was prepared with")
-    g.add_argument("--data-cache-dir")
-    g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--save")
-    g.add_argument("--save-interval", type=int, default=0)
-    g.add_argument("--load")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--tensorboard-dir")
-    g.add_argument("--generate-prompt")
+    add_config_arguments(p, shown_defaults={"model.name": "tiny"})
     return p.parse_args(argv)
 
 
@@ -90,49 +42,44 @@ def default_layout(world: int):
     return 1, 1
 
 
+def demo_preset(world: int):
+    """(model preset, ParallelConfig, TrainConfig) of the embedded CPU demo: the tiny model on the
+    bundled corpus, TP2 x PP2 on 4 ranks, 100 iterations; the user's flags apply on top of it."""
+    from megaglot.config import (CheckpointConfig, LoggingConfig, OptimizerConfig, ParallelConfig,
+                                 TrainConfig)
+
+    tp, pp = default_layout(world)
+    train = TrainConfig(seq_length=128, train_iters=100, eval_interval=20,
+                        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, lr_warmup_iters=10),
+                        checkpoint=CheckpointConfig(save=os.path.join(ROOT, "checkpoints", "demo")),
+                        logging=LoggingConfig(log_interval=10, tensorboard_dir=os.path.join(ROOT, "runs", "demo"),
+                                              generate_prompt="대한민국의 수도는"))
+    return "tiny", ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), train
+
+
+def run_preset(model_name: str):
+    """(model preset, ParallelConfig, TrainConfig) of a run on the user's data: the dataclass defaults,
+    with 128-token samples for the tiny models (their rotary cache holds 256 positions)."""
+    from megaglot.config import ParallelConfig, TrainConfig
+
+    return "tiny", ParallelConfig(), TrainConfig(seq_length=128) if model_name.startswith("tiny") else TrainConfig()
+
+
 def build_configs(args, world: int):
+    """(model, parallel, train, demo?): a preset, then every flag the user gave on top of it."""
     import dataclasses
 
-    from megaglot.config import ParallelConfig, TrainConfig, get_model_preset
+    from megaglot.config.cli import configs_from_args, given
 
-    demo = args.data_path is None and args.model is None
-    model = get_model_preset(args.model or "tiny")
-    overrides = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                                                "max_position_embeddings", "make_vocab_size_divisible_by",
-                                                "attention_backend", "hidden_dropout", "attention_dropout")
-                 if getattr(args, k) is not None}
-    if "hidden_size" in overrides and "ffn_hidden_size" not in overrides:
-        overrides["ffn_hidden_size"] = 4 * overrides["hidden_size"]
-    if model.attention_backend == "sdpa" and "attention_backend" not in overrides:
+    flags = given(args)
+    demo = "data_path" not in flags.get("train", {}).get("data", {}) and "name" not in flags.get("model", {})
+    preset = demo_preset(world) if demo else run_preset(flags.get("model", {}).get("name", "tiny"))
+    model, parallel, train = configs_from_args(args, *preset)
+    if model.attention_backend == "sdpa" and "attention_backend" not in flags.get("model", {}):
         import torch
 
-        overrides["attention_backend"] = "sdpa" if torch.cuda.is_available() else "torch"
-    model = dataclasses.replace(model, **overrides)
-    tp, pp = default_layout(world) if demo else (1, 1)
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=args.tensor_model_parallel_size or tp,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size or pp,
-        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
-        sequence_parallel=args.sequence_parallel)
-    seq = args.seq_length or (128 if demo or model.name.startswith("tiny") else 2048)
-    train_iters = args.train_iters or 100
-    train = TrainConfig(
-        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size, seq_length=seq,
-        train_iters=train_iters, eval_interval=args.eval_interval or (20 if demo else 100),
-        eval_iters=args.eval_iters, log_interval=args.log_interval or (10 if demo else 1), seed=args.seed,
-        lr=args.lr or (1e-3 if demo else 3e-4), min_lr=args.min_lr if args.min_lr is not None else (1e-4 if demo else 3e-5),
-        lr_warmup_iters=args.lr_warmup_iters if args.lr_warmup_iters is not None else (10 if demo else 0),
-        lr_decay_style=args.lr_decay_style, lr_decay_iters=args.lr_decay_iters, weight_decay=args.weight_decay,
-        clip_grad=args.clip_grad, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        precision="bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
-        initial_loss_scale=args.initial_loss_scale, use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_grad_reduce=not args.no_overlap_grad_reduce, recompute_granularity=args.recompute_granularity,
-        data_path=args.data_path, data_balance=args.data_balance, split=args.split, tokenizer=args.tokenizer,
-        data_cache_dir=args.data_cache_dir, save=args.save or (os.path.join(ROOT, "checkpoints", "demo") if demo else None),
-        save_interval=args.save_interval, load=args.load, no_load_optim=args.no_load_optim,
-        tensorboard_dir=args.tensorboard_dir or (os.path.join(ROOT, "runs", "demo") if demo else None),
-        generate_prompt=args.generate_prompt or ("대한민국의 수도는" if demo else None),
-        distributed_timeout_minutes=args.distributed_timeout_minutes)
+        if not torch.cuda.is_available():
+            model = dataclasses.replace(model, attention_backend="torch")
     return model, parallel, train, demo
 
 
@@ -189,48 +136,40 @@ def prepare_demo_data(train, model, cache: str = DEMO_CACHE):
     if error:
         raise ConfigError(error)
     prefix, tok = _demo_paths(out)
-    train.data_path, train.tokenizer = [prefix], tok
-    train.data_cache_dir = cache
-    train.split = "90,10,0"
-
-
-def check_layout(model, parallel, world_size: int) -> None:
-    """Refuse a layout that does not fit the world before anything is printed or prepared (the banner
-    then states a DP size that exists), naming the flags to change."""
-    from megaglot.config import ConfigError
-
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    if tp > 0 and pp > 0 and world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp} "
-                          f"(--tensor-model-parallel-size {tp}, --pipeline-model-parallel-size {pp}); start a "
-                          f"multiple of {tp * pp} processes (torchrun --nproc_per_node x --nnodes) or choose "
-                          f"sizes whose product divides {world_size}")
-    parallel.validate(model, world_size)  # sets data_parallel_size
+    train.data.data_path, train.data.tokenizer = [prefix], tok
+    train.data.data_cache_dir = cache
+    train.data.split = "90,10,0"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megaglot.config import ConfigError
+    from megaglot.config import ConfigError, TrainConfig
+    from megaglot.config.cli import given
     from megaglot.data.tokenizer import load_tokenizer
     from megaglot.training import init_distributed, pretrain, shutdown
 
     try:
-        init_distributed(args.distributed_timeout_minutes)
+        # The process group forms before the world size (and so the preset) is known: the flag or its default.
+        init_distributed(given(args).get("train", {}).get("distributed_timeout_minutes",
+                                                          TrainConfig().distributed_timeout_minutes))
         import torch.distributed as dist
 
-        model, parallel, train, demo = build_configs(args, dist.get_world_size())
-        check_layout(model, parallel, dist.get_world_size())
+        world = dist.get_world_size()
+        model, parallel, train, demo = build_configs(args, world)
+        # Refuse a layout that does not fit before anything is printed or prepared (the banner then
+        # states a DP size that exists), naming the flags to change.
+        parallel.validate(model, world)
         if demo:
             prepare_demo_data(train, model)
         tokenizer = None
-        if train.tokenizer:
-            tokenizer = load_tokenizer(train.tokenizer)
+        if train.data.tokenizer:
+            tokenizer = load_tokenizer(train.data.tokenizer)
             if tokenizer.vocab_size > model.vocab_size:
-                raise ConfigError(f"--tokenizer {train.tokenizer} has {tokenizer.vocab_size} tokens but the model's "
+                raise ConfigError(f"--tokenizer {train.data.tokenizer} has {tokenizer.vocab_size} tokens but the model's "
                                   f"vocabulary is {model.vocab_size}")
         if dist.get_rank() == 0:
             print(f"megaglot: {model.name} ({model.num_parameters():,} parameters), TP={parallel.tensor_model_parallel_size} "
-                  f"PP={parallel.pipeline_model_parallel_size} DP={parallel.data_parallel_size}, "
+                  f"PP={parallel.pipeline_model_parallel_size} DP={parallel.data_parallel_size_for(world)}, "
                   f"{train.precision}, {train.train_iters} iterations of {train.global_batch_size} x {train.seq_length} tokens",
                   flush=True)
         pretrain(model, parallel, train, tokenizer=tokenizer)

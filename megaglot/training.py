@@ -5,10 +5,10 @@ Launched once per rank by torchrun. NCCL on CUDA, gloo on CPU, chosen automatica
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -18,24 +18,23 @@ import torch
 import torch.distributed as dist
 
 from megaglot.checkpoint.training_state import load_checkpoint, save_checkpoint
-from megaglot.config import EOD_TOKEN_ID, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megaglot.config import DTYPES, EOD_TOKEN_ID, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megaglot.data.blending import parse_data_paths, read_sidecar
 from megaglot.data.gpt_dataset import build_train_valid_test_datasets, make_batches
 from megaglot.data.text import decode_new_tokens
 from megaglot.model import build_model_chunks, masked_mean
 from megaglot.optim.grad_buffer import GradBuffer
 from megaglot.optim.grad_scaler import DynamicGradScaler, scale_loss_gradient
-from megaglot.optim.optimizer import Optimizer, OptimizerConfig
+from megaglot.optim.optimizer import Optimizer
 from megaglot.optim.schedule import LRSchedule
 from megaglot.parallel import state
-from megaglot.parallel.comm import all_gather_last_dim
-from megaglot.parallel.launch import init_distributed
+from megaglot.eval.generation import generate
+from megaglot.parallel.launch import init_distributed, shutdown  # noqa: F401 - tools import them from here
 from megaglot.parallel.random import model_parallel_seed
 from megaglot.pipeline.schedules import forward_backward
 from megaglot.progress import StepLog
 
-H100_BF16_PEAK = 989e12  # datasheet dense BF16 FLOP/s of an H100 SXM (DESIGN.md)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+H100_BF16_PEAK = 989e12  # datasheet dense BF16 FLOP/s of an H100 SXM (docs/design.md)
 
 
 def model_flops_per_iteration(cfg: ModelConfig, batch: int, seq: int) -> float:
@@ -74,7 +73,9 @@ def build_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: T
               device: torch.device) -> Run:
     world = dist.get_world_size()
     parallel_cfg.validate(model_cfg, world)
-    num_microbatches = train_cfg.validate(parallel_cfg.data_parallel_size)
+    dp = parallel_cfg.data_parallel_size_for(world)
+    train_cfg.validate(dp)
+    num_microbatches = train_cfg.num_microbatches(dp)
     if parallel_cfg.sequence_parallel and train_cfg.seq_length % parallel_cfg.tensor_model_parallel_size:
         raise ConfigError(f"--seq-length {train_cfg.seq_length} is not divisible by --tensor-model-parallel-size "
                           f"{parallel_cfg.tensor_model_parallel_size} (needed by --sequence-parallel)")
@@ -97,19 +98,17 @@ def build_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: T
                                 recompute_granularity=train_cfg.recompute_granularity, params_dtype=dtype,
                                 device=device)
     params = [p for c in chunks for p in c.parameters()]
+    opt = train_cfg.optimizer
     buffer = GradBuffer(params, dp_group=state.get_data_parallel_group(),
-                        distributed_optimizer=train_cfg.use_distributed_optimizer,
-                        bucket_size=train_cfg.bucket_size, overlap=train_cfg.overlap_grad_reduce)
-    schedule = LRSchedule(max_lr=train_cfg.lr, min_lr=train_cfg.min_lr, warmup_iters=train_cfg.lr_warmup_iters,
-                          decay_iters=train_cfg.lr_decay_iters or train_cfg.train_iters,
-                          style=train_cfg.lr_decay_style)
-    scaler = (DynamicGradScaler(scale=train_cfg.initial_loss_scale, growth_interval=train_cfg.loss_scale_window)
+                        distributed_optimizer=opt.use_distributed_optimizer,
+                        bucket_size=opt.bucket_size, overlap=opt.overlap_grad_reduce)
+    schedule = LRSchedule(max_lr=opt.lr, min_lr=opt.min_lr, warmup_iters=opt.lr_warmup_iters,
+                          decay_iters=opt.lr_decay_iters or train_cfg.train_iters, style=opt.lr_decay_style)
+    scaler = (DynamicGradScaler(scale=opt.initial_loss_scale, min_scale=opt.min_loss_scale,
+                                growth_interval=opt.loss_scale_window, hysteresis=opt.hysteresis,
+                                hysteresis_left=opt.hysteresis)
               if train_cfg.precision == "fp16" else None)
-    opt_cfg = OptimizerConfig(weight_decay=train_cfg.weight_decay, adam_beta1=train_cfg.adam_beta1,
-                              adam_beta2=train_cfg.adam_beta2, adam_eps=train_cfg.adam_eps,
-                              clip_grad=train_cfg.clip_grad,
-                              use_distributed_optimizer=train_cfg.use_distributed_optimizer)
-    optimizer = Optimizer(params, buffer, opt_cfg, schedule, scaler)
+    optimizer = Optimizer(params, buffer, opt, schedule, scaler)
     return Run(model_cfg, parallel_cfg, train_cfg, chunks, optimizer, num_microbatches, device, dtype)
 
 
@@ -127,7 +126,7 @@ def _forward_step(run: Run, loss_scale: float):
 def _loss_everywhere(loss: Optional[torch.Tensor], device) -> float:
     """The last stage's loss, averaged over DP, on every rank (for logging and early stopping)."""
     value = torch.zeros(1, dtype=torch.float32, device=device)
-    if loss is not None and state.is_pipeline_last_stage(ignore_virtual=True) and state.get_tensor_parallel_rank() == 0:
+    if loss is not None and state.is_pipeline_last_stage() and state.get_tensor_parallel_rank() == 0:
         value += loss.float().to(device)
     dist.all_reduce(value, group=state.get_model_parallel_group())
     dist.all_reduce(value, group=state.get_data_parallel_group())
@@ -140,7 +139,7 @@ def train_step(run: Run, microbatches: list) -> dict:
         c.train()
     run.optimizer.start_step(len(microbatches))
     loss = forward_backward(run.chunks, microbatches, _forward_step(run, run.optimizer.loss_scale),
-                            run.tensor_shape, run.dtype, device=run.device)
+                            tensor_shape=run.tensor_shape, dtype=run.dtype, device=run.device)
     stats = run.optimizer.step()
     stats["loss"] = _loss_everywhere(loss, run.device)
     return stats
@@ -152,8 +151,8 @@ def evaluate(run: Run, batches) -> float:
         c.eval()
     losses = []
     for microbatches in batches:
-        loss = forward_backward(run.chunks, microbatches, _forward_step(run, 1.0), run.tensor_shape, run.dtype,
-                                forward_only=True, device=run.device)
+        loss = forward_backward(run.chunks, microbatches, _forward_step(run, 1.0), tensor_shape=run.tensor_shape,
+                                dtype=run.dtype, forward_only=True, device=run.device)
         losses.append(_loss_everywhere(loss, run.device))
     return sum(losses) / max(1, len(losses))
 
@@ -173,45 +172,6 @@ def _global_batches(dataset, consumed: int, run: Run):
         yield group
 
 
-@torch.no_grad()
-def generate_greedy(run: Run, prompt_ids: list, max_new_tokens: int) -> list:
-    """Greedy continuation through the pipeline (no KV cache: the demo's sequences are short)."""
-    if state.get_virtual_pipeline_world_size():
-        raise ConfigError("generation through interleaved virtual stages is not supported; "
-                          "generate with tools/generate.py from the saved checkpoint")
-    for c in run.chunks:
-        c.eval()
-    ids = list(prompt_ids)
-    tp = run.parallel_cfg.tensor_model_parallel_size
-    for _ in range(max_new_tokens):
-        n = len(ids)
-        if n >= run.model_cfg.max_position_embeddings:
-            break
-        # Causal attention: right padding never changes the logits of position n-1.
-        length = math.ceil(n / tp) * tp if run.parallel_cfg.sequence_parallel else n
-        tokens = torch.tensor([ids + [EOD_TOKEN_ID] * (length - n)], dtype=torch.long)
-        shape = (length // tp if run.parallel_cfg.sequence_parallel else length, 1, run.model_cfg.hidden_size)
-        captured = {}
-
-        def step(chunk, input_tensor, mb):
-            out = chunk(input_tensor, {"tokens": mb["tokens"].to(run.device)})
-            if chunk.post_process:
-                full = all_gather_last_dim(out[n - 1:n].float(), state.get_tensor_parallel_group())
-                captured["next"] = int(full[0, 0, :run.model_cfg.vocab_size].argmax())
-                return full.sum() * 0.0
-            return out
-
-        forward_backward(run.chunks, [{"tokens": tokens}], step, shape, run.dtype, forward_only=True,
-                         device=run.device)
-        nxt = torch.tensor([captured.get("next", -1)], dtype=torch.long, device=run.device)
-        src = state.get_state().pp_ranks[-1]
-        dist.broadcast(nxt, src=src, group=state.get_pipeline_parallel_group())
-        ids.append(int(nxt.item()))
-        if ids[-1] == EOD_TOKEN_ID:
-            break
-    return ids[len(prompt_ids):]
-
-
 def _peak_memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -222,33 +182,31 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
              datasets=None, tokenizer=None) -> dict:
     """Train; returns {'losses': [...], 'valid_losses': [...], 'iteration': N} (for tests and scripts).
 
-    datasets: (train, valid, test) map-style datasets, or None to build them from train_cfg.data_path.
+    datasets: (train, valid, test) map-style datasets, or None to build them from train_cfg.data.data_path.
     """
     device = init_distributed(train_cfg.distributed_timeout_minutes)
     startup = StepLog("start-up")  # rank 0, stderr: one line per step up to the first iteration, time so far
     run = build_run(model_cfg, parallel_cfg, train_cfg, device)
     startup(f"model built, {sum(p.numel() for c in run.chunks for p in c.parameters()):,} parameters on rank 0")
-    cfg = train_cfg
+    cfg, ckpt = train_cfg, train_cfg.checkpoint
     start_iteration, consumed = 0, 0
-    if cfg.load:
-        meta = load_checkpoint(cfg.load, chunks=run.chunks, optimizer=run.optimizer, model_cfg=model_cfg,
-                               load_optimizer=not cfg.no_load_optim)
+    if ckpt.load:
+        meta = load_checkpoint(ckpt.load, chunks=run.chunks, optimizer=run.optimizer, model_cfg=model_cfg,
+                               load_optimizer=not ckpt.no_load_optim)
         start_iteration, consumed = meta["iteration"], meta["consumed_samples"]
-        log0(f"loaded {cfg.load} at iteration {start_iteration} ({consumed} samples consumed)")
+        log0(f"loaded {ckpt.load} at iteration {start_iteration} ({consumed} samples consumed)")
         startup("checkpoint loaded")
     if datasets is None:
         datasets = build_datasets(run, tokenizer)
         startup("data indices built")
     train_ds, valid_ds, _ = datasets
     writer = None
-    if cfg.tensorboard_dir and dist.get_rank() == dist.get_world_size() - 1:
+    if cfg.logging.tensorboard_dir and dist.get_rank() == dist.get_world_size() - 1:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(cfg.tensorboard_dir)
+        writer = SummaryWriter(cfg.logging.tensorboard_dir)
     losses, valid_losses = [], []
     batches = _global_batches(train_ds, consumed, run)
-    tokens_per_iter = cfg.global_batch_size * cfg.seq_length
-    flops_per_iter = model_flops_per_iteration(model_cfg, cfg.global_batch_size, cfg.seq_length)
     iteration = start_iteration
     if valid_ds is not None and cfg.eval_interval and iteration == 0:
         valid_losses.append(_validate(run, valid_ds, iteration, writer))  # the starting point of the curve
@@ -264,44 +222,60 @@ def pretrain(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: Tr
         consumed += cfg.global_batch_size
         losses.append(stats["loss"])
         window_iters += 1
-        if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
+        if iteration % cfg.logging.log_interval == 0 or iteration == cfg.train_iters:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            elapsed = (time.perf_counter() - window_start) / window_iters
-            tflops = flops_per_iter / elapsed / dist.get_world_size() / 1e12
-            mfu = f"{100 * tflops * 1e12 / H100_BF16_PEAK:.1f}%" if device.type == "cuda" else "n/a (CPU)"
-            log0(f"iter {iteration:6d}/{cfg.train_iters} | samples {consumed:9d} | loss {stats['loss']:.4f} | "
-                 f"lr {stats['lr']:.3e} | grad norm {stats['grad_norm']:.3f} | loss scale {stats['loss_scale']:.0f} | "
-                 f"skipped {run.optimizer.num_skipped} | {1000 * elapsed:.1f} ms/iter | "
-                 f"{tokens_per_iter / elapsed:.0f} tokens/s | {tflops:.3f} TFLOP/s/GPU | MFU {mfu} | "
-                 f"peak mem {_peak_memory_gb(device):.2f} GB")
-            if writer is not None:
-                for key in ("loss", "lr", "grad_norm", "loss_scale"):
-                    writer.add_scalar(f"train/{key}", stats[key], iteration)
-                writer.add_scalar("train/ms_per_iter", 1000 * elapsed, iteration)
-                writer.add_scalar("train/tokens_per_s", tokens_per_iter / elapsed, iteration)
-                writer.add_scalar("train/tflops_per_gpu", tflops, iteration)
-                writer.add_scalar("train/skipped_steps", run.optimizer.num_skipped, iteration)
-                writer.add_scalar("train/consumed_samples", consumed, iteration)
-                writer.add_scalar("train/peak_memory_gb", _peak_memory_gb(device), iteration)
+            _log_iteration(run, stats, iteration, consumed, (time.perf_counter() - window_start) / window_iters,
+                           writer)
             window_start, window_iters = time.perf_counter(), 0
         if valid_ds is not None and cfg.eval_interval and (iteration % cfg.eval_interval == 0
                                                             or iteration == cfg.train_iters):
             valid_losses.append(_validate(run, valid_ds, iteration, writer))
-        if cfg.save and ((cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters):
-            path = save_checkpoint(cfg.save, iteration=iteration, consumed_samples=consumed, chunks=run.chunks,
+        if ckpt.save and ((ckpt.save_interval and iteration % ckpt.save_interval == 0) or iteration == cfg.train_iters):
+            path = save_checkpoint(ckpt.save, iteration=iteration, consumed_samples=consumed, chunks=run.chunks,
                                    optimizer=run.optimizer, model_cfg=model_cfg,
-                                   extra={"tokenizer": cfg.tokenizer, "train": _train_record(cfg)})
+                                   extra={"tokenizer": cfg.data.tokenizer, "train": _train_record(cfg)})
             log0(f"saved checkpoint {path}")
     if writer is not None:
         writer.close()
     result = {"losses": losses, "valid_losses": valid_losses, "iteration": iteration, "run": run}
-    if cfg.generate_prompt and tokenizer is not None:
-        ids = tokenizer.encode(cfg.generate_prompt)
-        new = generate_greedy(run, ids, cfg.generate_tokens)
-        log0(f"prompt: {cfg.generate_prompt}\ncontinuation: {decode_new_tokens(tokenizer, new)}")
-        result["generated"] = new
+    if cfg.logging.generate_prompt and tokenizer is not None:
+        result["generated"] = _generate_demo(run, tokenizer)
     return result
+
+
+def _log_iteration(run: Run, stats: dict, iteration: int, consumed: int, elapsed: float, writer) -> None:
+    """The log line (and TensorBoard scalars) for the window just ended; `elapsed` is seconds per iteration."""
+    cfg, device = run.train_cfg, run.device
+    tokens_per_iter = cfg.global_batch_size * cfg.seq_length
+    flops_per_iter = model_flops_per_iteration(run.model_cfg, cfg.global_batch_size, cfg.seq_length)
+    tflops = flops_per_iter / elapsed / dist.get_world_size() / 1e12
+    mfu = f"{100 * tflops * 1e12 / H100_BF16_PEAK:.1f}%" if device.type == "cuda" else "n/a (CPU)"
+    log0(f"iter {iteration:6d}/{cfg.train_iters} | samples {consumed:9d} | loss {stats['loss']:.4f} | "
+         f"lr {stats['lr']:.3e} | grad norm {stats['grad_norm']:.3f} | loss scale {stats['loss_scale']:.0f} | "
+         f"skipped {run.optimizer.num_skipped} | {1000 * elapsed:.1f} ms/iter | "
+         f"{tokens_per_iter / elapsed:.0f} tokens/s | {tflops:.3f} TFLOP/s/GPU | MFU {mfu} | "
+         f"peak mem {_peak_memory_gb(device):.2f} GB")
+    if writer is not None:
+        for key in ("loss", "lr", "grad_norm", "loss_scale"):
+            writer.add_scalar(f"train/{key}", stats[key], iteration)
+        writer.add_scalar("train/ms_per_iter", 1000 * elapsed, iteration)
+        writer.add_scalar("train/tokens_per_s", tokens_per_iter / elapsed, iteration)
+        writer.add_scalar("train/tflops_per_gpu", tflops, iteration)
+        writer.add_scalar("train/skipped_steps", run.optimizer.num_skipped, iteration)
+        writer.add_scalar("train/consumed_samples", consumed, iteration)
+        writer.add_scalar("train/peak_memory_gb", _peak_memory_gb(device), iteration)
+
+
+def _generate_demo(run: Run, tokenizer) -> list:
+    """Greedy continuation of --generate-prompt; every step reruns the (short) sequence through the
+    pipeline (no KV cache)."""
+    cfg = run.train_cfg.logging
+    ids = tokenizer.encode(cfg.generate_prompt)
+    (new,) = generate(run.chunks, run.model_cfg, [ids], cfg.generate_tokens, eod=EOD_TOKEN_ID,
+                      use_cache=False, device=run.device)
+    log0(f"prompt: {cfg.generate_prompt}\ncontinuation: {decode_new_tokens(tokenizer, new)}")
+    return new
 
 
 def _validate(run: Run, valid_ds, iteration: int, writer) -> float:
@@ -317,7 +291,8 @@ def _validate(run: Run, valid_ds, iteration: int, writer) -> float:
 
 
 def _train_record(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    """The run's settings for the checkpoint's JSON, sections nested as in TrainConfig."""
+    return dataclasses.asdict(cfg)
 
 
 def check_data_fits_model(data_path, model_cfg: ModelConfig, tokenizer=None) -> None:
@@ -339,26 +314,20 @@ def check_data_fits_model(data_path, model_cfg: ModelConfig, tokenizer=None) -> 
 def build_datasets(run: Run, tokenizer=None):
     """(train, valid, test) from --data-path; built on rank 0 first (it writes the index cache)."""
     cfg = run.train_cfg
-    if not cfg.data_path:
+    data = cfg.data
+    if not data.data_path:
         raise ConfigError("--data-path is required (prefixes of .bin/.idx files from tools/preprocess_data.py)")
-    check_data_fits_model(cfg.data_path, run.model_cfg, tokenizer)
+    check_data_fits_model(data.data_path, run.model_cfg, tokenizer)
     gb = cfg.global_batch_size
     evals = cfg.eval_iters * gb if cfg.eval_interval else 0
     counts = (cfg.train_iters * gb, evals, 0)  # the loop never reads the test split
-    kwargs = dict(split=cfg.split, seq_length=cfg.seq_length, seed=cfg.seed, num_samples=counts,
-                  cache_dir=cfg.data_cache_dir, balance=cfg.data_balance)
+    kwargs = dict(split=data.split, seq_length=cfg.seq_length, seed=cfg.seed, num_samples=counts,
+                  cache_dir=data.data_cache_dir, balance=data.data_balance, eod_mask_loss=data.eod_mask_loss)
     result = None
     if dist.get_rank() == 0:
-        result = build_train_valid_test_datasets(cfg.data_path, **kwargs)
+        result = build_train_valid_test_datasets(data.data_path, **kwargs)
     dist.barrier()
     if dist.get_rank() != 0:
-        result = build_train_valid_test_datasets(cfg.data_path, log=lambda line: None, **kwargs)
+        result = build_train_valid_test_datasets(data.data_path, log=lambda line: None, **kwargs)
     return result
 
-
-def shutdown() -> None:
-    if state.is_initialized():
-        state.destroy()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()

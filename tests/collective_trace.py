@@ -321,12 +321,13 @@ class Layout:
 
 def _configs(layout: Layout):
     from megaglot.config import ParallelConfig, TrainConfig, get_model_preset
+    from megaglot.config.cli import with_fields
 
     model = get_model_preset("tiny-test", num_layers=8, num_attention_heads=8)
     parallel = ParallelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
                               num_layers_per_virtual_pipeline_stage=layout.layers_per_virtual_stage,
                               sequence_parallel=True)
-    train = TrainConfig(micro_batch_size=MICRO, global_batch_size=MICRO * layout.microbatches * layout.dp,
+    train = with_fields(TrainConfig(), micro_batch_size=MICRO, global_batch_size=MICRO * layout.microbatches * layout.dp,
                         seq_length=SEQ, train_iters=layout.train_steps, eval_interval=0, precision="bf16",
                         use_distributed_optimizer=True, recompute_granularity=layout.recompute_granularity,
                         lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, seed=3)

@@ -1,4 +1,4 @@
-"""Checkpoints across optimizer implementations, ranks and nodes (DESIGN.md "Running at scale").
+"""Checkpoints across optimizer implementations, ranks and nodes (docs/design.md "Running at scale").
 
 1. Every optimizer implementation's step count survives a resume: an Adam that keeps `step` per
    param group (as apex's FusedAdam, chosen on CUDA) and torch's fused AdamW resume bit for bit.
@@ -11,7 +11,6 @@
 import json
 import os
 
-import pytest
 import torch
 
 from dist_harness import run_distributed

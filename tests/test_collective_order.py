@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
 
 
 def groups_of(layout: ct.Layout, rank: int) -> dict:
-    """This rank's groups from DESIGN.md's rank layout, written out independently of the library."""
+    """This rank's groups from docs/design.md's rank layout, written out independently of the library."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     p, d, t = rank // (dp * tp), (rank // tp) % dp, rank % tp
 

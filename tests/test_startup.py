@@ -150,8 +150,8 @@ def _demo_data_worker(rank, base):
     model = get_model_preset("tiny")
     train = TrainConfig()
     example.prepare_demo_data(train, model, cache=os.path.join(base, f"node{node}"))
-    prefix, tok = train.data_path[0], train.tokenizer
-    out = {"prefix": prefix, "tok": tok, "cache": train.data_cache_dir,
+    prefix, tok = train.data.data_path[0], train.data.tokenizer
+    out = {"prefix": prefix, "tok": tok, "cache": train.data.data_cache_dir,
            "sha": [_sha(prefix + ".bin"), _sha(prefix + ".idx"), _sha(tok)]}
 
     # Node 1 finds a stale copy whose .bin differs by one byte: every rank fails with one message

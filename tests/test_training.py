@@ -20,6 +20,7 @@ import torch
 
 from dist_harness import run_distributed
 from megaglot.config import ParallelConfig, TrainConfig, get_model_preset
+from megaglot.config.cli import with_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 16
@@ -45,9 +46,10 @@ def configs(tp=1, pp=1, vp_layers=None, sp=False, **train_overrides):
     model = get_model_preset("tiny-test")
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               num_layers_per_virtual_pipeline_stage=vp_layers, sequence_parallel=sp)
-    train = TrainConfig(micro_batch_size=2, global_batch_size=8, seq_length=SEQ, train_iters=3, eval_interval=0,
-                        log_interval=100, lr=2e-3, min_lr=2e-4, lr_warmup_iters=1, clip_grad=0.5, seed=7)
-    return model, parallel, dataclasses.replace(train, **train_overrides)
+    train = with_fields(TrainConfig(), micro_batch_size=2, global_batch_size=8, seq_length=SEQ, train_iters=3,
+                        eval_interval=0, log_interval=100, lr=2e-3, min_lr=2e-4, lr_warmup_iters=1, clip_grad=0.5,
+                        seed=7)
+    return model, parallel, with_fields(train, **train_overrides)
 
 
 def local_state(run):
@@ -295,11 +297,12 @@ def _hf_trajectory_worker(rank):
     from megaglot.checkpoint.hf import hf_name, model_config_from_hf, unpad_vocab
     from megaglot.checkpoint.sharding import named_global_parameters
     from megaglot.config import ParallelConfig, TrainConfig
+    from megaglot.config.cli import with_fields
     from megaglot.training import build_run, init_distributed, train_step
 
     hf_model = random_gpt_neox(3).train()
     cfg = model_config_from_hf(hf_model.config.to_dict(), attention_backend="fused")
-    train = TrainConfig(micro_batch_size=2, global_batch_size=6, seq_length=SEQ, train_iters=HF_STEPS,
+    train = with_fields(TrainConfig(), micro_batch_size=2, global_batch_size=6, seq_length=SEQ, train_iters=HF_STEPS,
                         eval_interval=0, log_interval=100, lr=HF_LR, min_lr=HF_MIN_LR, lr_warmup_iters=HF_WARMUP,
                         clip_grad=HF_CLIP, weight_decay=HF_DECAY, seed=11)
     run = build_run(cfg, ParallelConfig(), train, init_distributed())
@@ -316,7 +319,8 @@ def _hf_trajectory_worker(rank):
     params = list(hf_model.parameters())
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": HF_DECAY},
               {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
-    adam = torch.optim.AdamW(groups, lr=HF_LR, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
+    adam = torch.optim.AdamW(groups, lr=HF_LR, betas=(train.optimizer.adam_beta1, train.optimizer.adam_beta2),
+                             eps=train.optimizer.adam_eps)
     data = SyntheticTokens(HF_STEPS * 3 * 2, cfg.vocab_size, seed=5)
     losses, hf_losses, norms, hf_norms = [], [], [], []
     for it in range(HF_STEPS):

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaglot.checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, export_hf, import_hf  # noqa: E402
 from megaglot.checkpoint.format import CheckpointError  # noqa: E402
-from megaglot.config import ConfigError  # noqa: E402
+from megaglot.config import CheckpointConfig, ConfigError, DataConfig  # noqa: E402
+from megaglot.config.cli import add_field_argument, add_layout_arguments  # noqa: E402
 from megaglot.progress import write  # noqa: E402
 
 
@@ -31,18 +32,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     imp.add_argument("--hf-dir", required=True,
                      help="GPT-NeoX directory: config.json + model.safetensors / pytorch_model.bin (or sharded, "
                           "with their index file)")
-    imp.add_argument("--save", required=True, help="new megaglot checkpoint root (gets iter_0000000 and latest)")
-    imp.add_argument("--tensor-model-parallel-size", type=int, default=1, help="target TP (default 1)")
-    imp.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP (default 1)")
-    imp.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
-                     help="layers per virtual stage (interleaved 1F1B); default: one chunk per stage")
+    add_field_argument(imp, CheckpointConfig, "save", default=None, required=True,
+                       help="new megaglot checkpoint root (gets iter_0000000 and latest)")
+    add_layout_arguments(imp, virtual=True)  # the layout the checkpoint is written at
     imp.add_argument("--vocab-size", type=int, default=None,
                      help="the tokenizer's vocabulary when config.json gives the padded one (Polyglot-Ko's say "
                           "30080; pass 30003 to match --model polyglot-ko-*); stored rows are kept")
     exp = sub.add_parser("export", help="megaglot checkpoint (any layout) -> Hugging Face directory")
-    exp.add_argument("--load", required=True, help="checkpoint root (follows 'latest') or an iteration directory")
+    add_field_argument(exp, CheckpointConfig, "load", default=None, required=True,
+                       help="checkpoint root (follows 'latest') or an iteration directory")
     exp.add_argument("--hf-dir", required=True, help="output directory (new or empty)")
-    exp.add_argument("--tokenizer", default=None, help="tokenizer.json, or a directory whose tokenizer files to copy")
+    add_field_argument(exp, DataConfig, "tokenizer", default=None,
+                       help="tokenizer.json, or a directory whose tokenizer files to copy")
     exp.add_argument("--max-shard-size-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2 ** 20,
                      help="largest safetensors file; more files get model.safetensors.index.json (default 2048)")
     return p.parse_args(argv)

@@ -24,9 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megaglot.config.cli import add_inference_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="megaglot checkpoint root (follows 'latest') or iteration directory")
+    add_inference_arguments(p, src)
     src.add_argument("--hf-dir", help="Hugging Face GPT-NeoX directory (config.json + weights)")
     p.add_argument("--tasks", default="", help="comma-separated: kobest_copa,kobest_hellaswag,kobest_boolq,"
                                                "kobest_sentineg,kobest_wic")
@@ -38,11 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=None,
                    help="longest input in tokens (default: the model's max_position_embeddings); longer "
                         "prompts lose their beginning")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the one the checkpoint records)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--attention-backend", default=None, choices=["torch", "sdpa", "fused"])
     p.add_argument("--ppl-data", help="indexed dataset prefix (.bin/.idx) to report perplexity on")
     p.add_argument("--seq-length", type=int, default=None,
                    help="perplexity window (default: min(2048, max_position_embeddings))")

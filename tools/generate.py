@@ -22,9 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megaglot.config.cli import add_inference_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="megaglot checkpoint root (follows 'latest') or iteration directory")
+    add_inference_arguments(p, src)
     src.add_argument("--hf-dir", help="Hugging Face GPT-NeoX directory")
     p.add_argument("--prompt", help="text to continue (default: interactive, or stdin when it is not a terminal)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -33,12 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: all)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="must be 1: generation is tensor parallel only")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--attention-backend", default=None, choices=["torch", "sdpa", "fused"])
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar (tokens generated, on stderr, rank 0); the text still goes to stdout")

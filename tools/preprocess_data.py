@@ -15,6 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megaglot.config import DataConfig  # noqa: E402
+from megaglot.config.cli import add_field_argument  # noqa: E402
 from megaglot.data.indexed_dataset import IndexedDatasetError  # noqa: E402
 from megaglot.data.preprocess import PreprocessConfig, PreprocessError, preprocess  # noqa: E402
 from megaglot.data.tokenizer import TokenizerError  # noqa: E402
@@ -29,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-prefix", required=True,
                    help="writes {prefix}_{key}_document.bin/.idx and a .json sidecar")
     tok = p.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", help="Hugging Face tokenizer.json (or its directory)")
+    add_field_argument(tok, DataConfig, "tokenizer", default=None, help="Hugging Face tokenizer.json (or its directory)")
     tok.add_argument("--train-tokenizer", action="store_true",
                      help="train a byte-level BPE on the input, saved beside the output as tokenizer.json")
     p.add_argument("--vocab-size", type=int, help="vocabulary size for --train-tokenizer")

@@ -18,15 +18,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaglot.checkpoint.format import CheckpointError  # noqa: E402
 from megaglot.checkpoint.reshard import reshard  # noqa: E402
-from megaglot.config import ConfigError  # noqa: E402
+from megaglot.config import CheckpointConfig, ConfigError  # noqa: E402
+from megaglot.config.cli import add_field_argument  # noqa: E402
 from megaglot.progress import write  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="source checkpoint root (follows 'latest') or an iteration directory")
-    p.add_argument("--save", required=True,
-                   help="new checkpoint root (must not exist or be empty; gets iter_N and latest)")
+    add_field_argument(p, CheckpointConfig, "load", default=None, required=True,
+                       help="source checkpoint root (follows 'latest') or an iteration directory")
+    add_field_argument(p, CheckpointConfig, "save", default=None, required=True,
+                       help="new checkpoint root (must not exist or be empty; gets iter_N and latest)")
     p.add_argument("--target-tensor-parallel-size", type=int, required=True, help="TP of the new layout")
     p.add_argument("--target-pipeline-parallel-size", type=int, required=True, help="PP of the new layout")
     p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,

@@ -11,11 +11,10 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megaglot.config import ConfigError, ModelConfig, ParallelConfig
+from megaglot.config import (DTYPES, ConfigError, ModelConfig, ParallelConfig, check_pipeline_split,
+                             check_world_size)
 from megaglot.model import build_model_chunks
 from megaglot.parallel import state
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EvalError(ValueError):
@@ -41,9 +40,12 @@ def init_parallel(tp: int = 1, pp: int = 1, vp: Optional[int] = None) -> None:
                             f"TP={tp} PP={pp}")
         return
     world = dist.get_world_size()
-    if tp < 1 or pp < 1 or world % (tp * pp):
-        raise EvalError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} does not "
-                        f"divide the {world} launched ranks (launch tp x pp x dp ranks with torchrun)")
+    if tp < 1 or pp < 1:
+        raise EvalError(f"--tensor-model-parallel-size {tp} and --pipeline-model-parallel-size {pp} must be positive")
+    try:
+        check_world_size(world, tp, pp)
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
     state.initialize(tp, pp, vp)
 
 
@@ -135,10 +137,9 @@ def _build(cfg: ModelConfig, dtype, device) -> List:
     vp = state.get_virtual_pipeline_world_size() or 1
     try:
         ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).validate(cfg)
+        check_pipeline_split(cfg.num_layers, pp, vp)
     except ConfigError as e:
         raise EvalError(str(e)) from None
-    if cfg.num_layers % (pp * vp):
-        raise EvalError(f"the model's {cfg.num_layers} layers do not split over --pipeline-model-parallel-size {pp}")
     with torch.random.fork_rng():
         # initial values are overwritten by the checkpoint; meta init would be faster but is not supported
         return build_model_chunks(cfg, params_dtype=dtype, device=device)

@@ -137,13 +137,10 @@ def build_model_chunks(config: ModelConfig, *, seed: int = 1234, sequence_parall
     pp, pp_rank = state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank()
     vp = (state.get_virtual_pipeline_world_size() if state.is_initialized() else None) or 1
     tp = state.get_tensor_parallel_world_size()
-    from megaglot.config import ParallelConfig
+    from megaglot.config import ParallelConfig, check_pipeline_split
 
-    k = config.num_layers // (pp * vp) if vp > 1 else None
-    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                   num_layers_per_virtual_pipeline_stage=k).validate(config)
-    if config.num_layers % (pp * vp):
-        raise ValueError(f"--num-layers {config.num_layers} is not divisible by pipeline x virtual = {pp} x {vp}")
+    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).validate(config)
+    check_pipeline_split(config.num_layers, pp, vp)
     chunks = []
     for v in range(vp):
         chunks.append(GPTChunk(

@@ -11,35 +11,17 @@ on TP rank 0, then sums over TP x PP; the distributed optimizer's shards also su
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from megaglot.config import OptimizerConfig
 from megaglot.optim.grad_buffer import GradBuffer
 from megaglot.optim.grad_scaler import DynamicGradScaler
 from megaglot.optim.schedule import LRSchedule
 from megaglot.parallel import comm, state
 from megaglot.parallel.layers import reduce_sequence_parallel_gradients
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW hyper-parameters and the precision/sharding mode."""
-
-    weight_decay: float = 0.01
-    """Decoupled weight decay on matrices (never on biases and norms)."""
-    adam_beta1: float = 0.9
-    """Adam beta1."""
-    adam_beta2: float = 0.95
-    """Adam beta2."""
-    adam_eps: float = 1e-8
-    """Adam epsilon."""
-    clip_grad: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-    use_distributed_optimizer: bool = False
-    """Shard fp32 masters and Adam state over DP (ZeRO-1)."""
 
 
 def _make_adamw(groups, cfg: OptimizerConfig, device_type: str):
