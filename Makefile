@@ -38,6 +38,14 @@ setup: $(VENV)/.stamp-build
 test: setup
 	$(PY) -m pytest -q tests
 
+# Style and correctness checks configured in pyproject.toml ([tool.ruff]); ruff is installed into the venv on
+# first use, so `make lint` needs no set-up step and runs in seconds.
+.PHONY: lint
+lint:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) install -q ruff
+	$(PY) -m ruff check .
+
 # Compile every CUDA kernel source with plain nvcc (no CUDA torch needed): a syntax error fails here.
 NVCC ?= nvcc
 NVCC_ARCH ?= sm_80
