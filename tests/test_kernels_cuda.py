@@ -14,7 +14,7 @@ from megaglot.kernels import (available, fused_rotary, rotary_cos_sin, scaled_ma
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 from test_kernels import (CAUSAL_SHAPES, DTYPES, FWD_TOL, MASKED_SHAPES, PLAIN_SHAPES,  # noqa: E402
-                                causal_mask, check_rotary, check_softmax_variant, ref_softmax)
+                                check_rotary, check_softmax_variant)
 
 
 @pytest.fixture(autouse=True, scope="module")
