@@ -43,7 +43,8 @@ test: setup
 .PHONY: lint
 lint:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) install -q ruff
+	@$(PY) -m ruff --version >/dev/null 2>&1 || { echo "lint: installing ruff"; $(PIP) install -q ruff >$(VENV)/lint-setup.log 2>&1 \
+		|| { grep -v 'is ignored' $(VENV)/lint-setup.log | tail -20; exit 1; }; }
 	$(PY) -m ruff check .
 
 # Compile every CUDA kernel source with plain nvcc (no CUDA torch needed): a syntax error fails here.
