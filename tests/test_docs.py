@@ -111,7 +111,7 @@ def test_cited_names_import(doc):
 
 
 def test_documents_cited_by_the_code_exist():
-    """A bare name (`DESIGN.md`) must be some file of the repository; a path, that file."""
+    """A bare name (`GUIDE.md`) must be some file of the repository; a path, that file."""
     repo_md = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "**", "*.md"), recursive=True)
                if "/.venv/" not in p}
     missing = []
