@@ -83,7 +83,7 @@ from megaglot.config import (DTYPES, ConfigError, LoggingConfig, ModelConfig, Op
                              ParallelConfig, TrainConfig, get_model_preset)
 from megaglot.config.cli import add_field_argument, add_layout_arguments  # noqa: E402
 from megaglot.parallel import state  # noqa: E402
-from megaglot.training import (H100_BF16_PEAK, _peak_memory_gb, build_run, init_distributed,  # noqa: E402
+from megaglot.training import (H100_BF16_PEAK, peak_memory_gb, build_run, init_distributed,  # noqa: E402
                                model_flops_per_iteration, shutdown, train_step)
 
 PROFILE_STEPS = 3
@@ -422,7 +422,7 @@ def bench_megaglot(args, model_cfg, parallel_cfg, train_cfg, device: torch.devic
             return train_step(run, microbatches)["loss"]
 
         result["times"], result["loss"] = time_steps(step, device, args.warmup, args.iters, meeting.run)
-        result["peak_gb"] = _peak_memory_gb(device)
+        result["peak_gb"] = peak_memory_gb(device)
         if args.profile:
             profile_steps(lambda: meeting.run(step), device, args.profile,
                           f"megaglot_mb{train_cfg.micro_batch_size}_rank{dist.get_rank()}")
@@ -511,7 +511,7 @@ def bench_hf(args, model_cfg, train_cfg, device: torch.device) -> dict:
         microbatches = synthetic_microbatches(train_cfg, num, model_cfg.vocab_size, seed=args.seed)
         step = hf_step_fn(model, optimizer, microbatches, train_cfg.optimizer.clip_grad, device)
         times, loss = time_steps(step, device, args.warmup, args.iters)
-        result.update(times=times, loss=float(loss), peak_gb=_peak_memory_gb(device), oom=False)
+        result.update(times=times, loss=float(loss), peak_gb=peak_memory_gb(device), oom=False)
         if args.profile:
             profile_steps(step, device, args.profile, f"hf_mb{train_cfg.micro_batch_size}")
     except Exception as exc:  # noqa: BLE001 - only CUDA OOM is recovered from

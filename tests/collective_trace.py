@@ -414,11 +414,11 @@ def _skip_sequence_parallel_reduction():
 def _other_bucket_size():
     """The victim lays out its DP gradient buckets differently (3000 elements): its reduce-scatters
     and parameter all-gathers have other shapes and counts than its DP peers'."""
-    import megaglot.training as training
+    import megaglot.training.run as run_module
 
-    original = training.GradBuffer
-    training.GradBuffer = lambda *args, **kwargs: original(*args, **dict(kwargs, bucket_size=3000))
-    return lambda: setattr(training, "GradBuffer", original)
+    original = run_module.GradBuffer
+    run_module.GradBuffer = lambda *args, **kwargs: original(*args, **dict(kwargs, bucket_size=3000))
+    return lambda: setattr(run_module, "GradBuffer", original)
 
 
 SABOTAGES = {"skip_sequence_parallel_reduction": _skip_sequence_parallel_reduction,
