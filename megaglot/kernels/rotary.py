@@ -134,19 +134,27 @@ def _new_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
+def _rotate_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation in fp32 (fp64 for fp64 inputs), cast back: the fallback of the compiled forward."""
+    acc = _acc_dtype(x)
+    return apply_rotary_torch(x.to(acc), cos.to(acc), sin.to(acc)).to(x.dtype)
+
+
+def _rotate_pair(kernel: str, fallback, a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both tensors through the compiled kernel when built for their device, else through `fallback`."""
+    _check_rotary(a, b, cos, sin)
+    fn = _kernel(kernel, a)
+    if fn is not None:
+        out_a, out_b = fn(a, b, cos, sin)
+        return out_a, out_b
+    return fallback(a, cos, sin).contiguous(), fallback(b, cos, sin).contiguous()
+
+
 @torch.library.custom_op("megaglot::fused_rotary", mutates_args=())
 def _rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    _check_rotary(q, k, cos, sin)
-    fn = _kernel("fused_rotary_forward", q)
-    if fn is not None:
-        q_out, k_out = fn(q, k, cos, sin)
-        return q_out, k_out
-    acc = _acc_dtype(q)
-    c, s = cos.to(acc), sin.to(acc)
-    q_out = apply_rotary_torch(q.to(acc), c, s).to(q.dtype)
-    k_out = apply_rotary_torch(k.to(acc), c, s).to(k.dtype)
-    return q_out.contiguous(), k_out.contiguous()
+    return _rotate_pair("fused_rotary_forward", _rotate_torch, q, k, cos, sin)
 
 
 @_rotary_op.register_fake
@@ -159,12 +167,7 @@ def _rotary_fake(q, k, cos, sin):
 def _rotary_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The transposed rotation of both gradients (no gradient flows to cos/sin)."""
-    _check_rotary(grad_q, grad_k, cos, sin)
-    fn = _kernel("fused_rotary_backward", grad_q)
-    if fn is not None:
-        dq, dk = fn(grad_q, grad_k, cos, sin)
-        return dq, dk
-    return _transpose_torch(grad_q, cos, sin).contiguous(), _transpose_torch(grad_k, cos, sin).contiguous()
+    return _rotate_pair("fused_rotary_backward", _transpose_torch, grad_q, grad_k, cos, sin)
 
 
 @_rotary_backward_op.register_fake
