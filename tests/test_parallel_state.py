@@ -57,7 +57,7 @@ def test_rank_layout_and_groups_on_8_ranks():
         assert r["first_virtual_1"] is False
         assert r["last_virtual_1"] == (r["pp_rank"] == 1)
         assert r["first_virtual_0"] == (r["pp_rank"] == 0) and r["last_virtual_0"] is False
-        assert "8 is not divisible by tensor_parallel x pipeline_parallel = 3 x 1 = 3" in res["error"]
+        assert "world size 8 is not divisible by TP x PP = 3 x 1 = 3" in res["error"]
         assert "[1, 2, 4, 8]" in res["error"]
 
 

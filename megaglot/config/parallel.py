@@ -74,7 +74,8 @@ def check_world_size(world_size: int, tp: int, pp: int) -> int:
         raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp} "
                           f"(--tensor-model-parallel-size {tp}, --pipeline-model-parallel-size {pp}); start a "
                           f"multiple of {tp * pp} processes (torchrun --nproc_per_node x --nnodes) or choose "
-                          f"sizes whose product divides {world_size}")
+                          f"sizes whose product divides {world_size} (one of "
+                          f"{[d for d in range(1, world_size + 1) if world_size % d == 0]})")
     return world_size // (tp * pp)
 
 

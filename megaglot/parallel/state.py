@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megaglot.config import ConfigError
+from megaglot.config import ConfigError, check_world_size
 
 
 @dataclass
@@ -68,13 +68,7 @@ def check_layout(world_size: int, tensor_parallel: int, pipeline_parallel: int) 
     for flag, size in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel)):
         if not isinstance(size, int) or size <= 0:
             raise ConfigError(f"{flag} size must be a positive integer, got {size!r}")
-    model_parallel = tensor_parallel * pipeline_parallel
-    if world_size % model_parallel:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
-            f"{tensor_parallel} x {pipeline_parallel} = {model_parallel}; TP x PP must be one of {divisors}")
-    return world_size // model_parallel
+    return check_world_size(world_size, tensor_parallel, pipeline_parallel)
 
 
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
