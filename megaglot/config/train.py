@@ -103,9 +103,13 @@ class CheckpointConfig:
     save_interval: int = 0
     """Save every this many iterations (0: only at the end)."""
     load: Optional[str] = None
-    """Checkpoint root or iteration directory to resume from."""
+    """Checkpoint root or iteration directory to resume from; a missing or empty root starts from scratch."""
     no_load_optim: bool = False
-    """Load only the model weights (fine-tuning from a converted checkpoint)."""
+    """Keep the iteration, schedule and data position, but start a fresh optimizer (no optimizer shards read)."""
+    finetune: bool = False
+    """Load the model weights only and start at iteration 0 with a fresh optimizer and data position."""
+    save_retain: Optional[int] = None
+    """Keep only the newest N checkpoints in --save (older ones go after the new one is published); None keeps all."""
 
 
 @dataclass
@@ -145,6 +149,8 @@ class TrainConfig:
     """Parameter dtype; fp16 uses dynamic loss scaling (--bf16 / --fp16 are short for it)."""
     recompute_granularity: Optional[str] = field(default=None, metadata={"choices": RECOMPUTE_GRANULARITIES})
     """Activation recomputation: None, 'full' (every layer) or 'selective' (core attention)."""
+    max_skipped_steps: int = 10
+    """Stop after this many consecutive steps skipped for a non-finite loss or gradient (0: never stop)."""
     distributed_timeout_minutes: float = 10.0
     """How long a collective waits for its peers (raise it when loading a 12.8B checkpoint or building indices)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -179,6 +185,12 @@ class TrainConfig:
                             ("--save-interval", self.checkpoint.save_interval)):
             if value < 0:
                 raise ConfigError(f"{flag} must be >= 0 (0 disables), got {value}")
+        if self.max_skipped_steps < 0:
+            raise ConfigError(f"--max-skipped-steps must be >= 0 (0: never stop), got {self.max_skipped_steps}")
+        if self.checkpoint.save_retain is not None and self.checkpoint.save_retain <= 0:
+            raise ConfigError(f"--save-retain must be positive (none keeps all), got {self.checkpoint.save_retain}")
+        if self.checkpoint.finetune and self.checkpoint.no_load_optim:
+            raise ConfigError("--finetune already starts a fresh optimizer at iteration 0; drop --no-load-optim")
         if not self.distributed_timeout_minutes > 0:
             raise ConfigError(f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
         if self.recompute_granularity not in (None, *RECOMPUTE_GRANULARITIES):
