@@ -208,13 +208,21 @@ at::Tensor dispatch_backward(const at::Tensor& grad, const at::Tensor& probs, bo
   return cpu_backward(grad, probs, sq, sk, causal, scale);
 }
 
-// The backward written over grad (apex's in-place backward), so it allocates nothing. CPU only: the CUDA
-// kernels take __restrict__ pointers and so may not alias grad and dx.
+// The backward written over grad (apex's in-place backward), so it allocates nothing, on CPU and CUDA:
+// both kernels finish a row's dot(grad, probs) before writing any of it.
 void backward_in_place(at::Tensor& grad, const at::Tensor& probs, bool causal, double scale, const char* op) {
   check_backward(grad, probs, causal, op);
-  TORCH_CHECK(probs.is_cpu(), op, ": the in-place backward runs on CPU tensors only, got ", probs.device());
   TORCH_CHECK(grad.is_contiguous(), op, ": the in-place backward needs a contiguous grad");
-  cpu_backward_into(grad, probs, grad, probs.size(-2), probs.size(-1), causal, scale);
+  const int64_t sq = probs.size(-2), sk = probs.size(-1);
+  if (probs.is_cuda()) {
+#ifdef MEGAGLOT_WITH_CUDA
+    cuda::softmax_backward_into(grad, probs, grad, sq, sk, causal, scale);
+    return;
+#else
+    TORCH_CHECK(false, op, ": megaglot._C was built without CUDA; rebuild with a CUDA torch and toolkit");
+#endif
+  }
+  cpu_backward_into(grad, probs, grad, sq, sk, causal, scale);
 }
 
 }  // namespace

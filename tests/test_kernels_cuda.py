@@ -71,6 +71,23 @@ def test_cuda_matches_cpu_bit_for_bit_in_shape_and_closely_in_value():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(6, 40, 40), (2, 3000, 3000), (1, 16500, 16500)], ids=str)
+def test_cuda_softmax_backward_writes_over_the_incoming_grad(dtype, shape):
+    """apex's in-place backward on CUDA, warp-per-row and block-per-row: the gradient autograd hands
+    the softmax is the one it returns, with the values of the out-of-place op."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=gen) * 2).to(dtype).cuda().requires_grad_(True)
+    seen = {}
+    y = scaled_upper_triang_masked_softmax(x, 0.3)
+    y.register_hook(lambda g: seen.__setitem__("in", g.data_ptr()))
+    weights = torch.linspace(-1, 1, shape[-1], dtype=dtype, device="cuda")
+    (y * weights).sum().backward()
+    assert seen["in"] == x.grad.data_ptr()
+    want = torch.ops.megaglot.scaled_softmax_backward(weights.expand(shape).contiguous(), y.detach(), 0.3, True)
+    assert torch.equal(x.grad, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dims", [(5, 2, 3, 16, 16), (7, 1, 2, 24, 6), (33, 2, 2, 128, 64), (3, 2, 2, 20, 8)],
                          ids=str)
 def test_fused_rotary_cuda(dtype, dims):

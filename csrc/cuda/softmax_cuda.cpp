@@ -47,12 +47,20 @@ at::Tensor softmax_backward(const at::Tensor& grad_in, const at::Tensor& probs_i
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor probs = probs_in.contiguous();
   at::Tensor dx = at::empty_like(probs, at::MemoryFormat::Contiguous);
+  softmax_backward_into(grad, probs, dx, sq, sk, causal, scale);
+  return dx;
+}
+
+void softmax_backward_into(const at::Tensor& grad, const at::Tensor& probs_in, at::Tensor& dx, int64_t sq,
+                           int64_t sk, bool causal, double scale) {
+  const c10::cuda::CUDAGuard guard(probs_in.device());
+  TORCH_CHECK(grad.is_contiguous() && dx.is_contiguous(), "fused softmax backward: grad and dx must be contiguous");
+  const at::Tensor probs = probs_in.contiguous();
   const int64_t rows = sk == 0 ? 0 : probs.numel() / sk;
-  if (rows == 0) return dx;
+  if (rows == 0) return;
   C10_CUDA_CHECK(launch_softmax_backward(grad.data_ptr(), probs.data_ptr(), dx.data_ptr(),
                                          kernel_dtype(probs, "fused softmax backward"), rows, sq, sk, causal,
                                          static_cast<float>(scale), c10::cuda::getCurrentCUDAStream().stream()));
-  return dx;
 }
 
 }  // namespace cuda

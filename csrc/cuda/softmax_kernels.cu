@@ -106,9 +106,12 @@ __global__ void __launch_bounds__(kWarp* kWarpRowsPerBlock)
   }
 }
 
+// The backward kernels may run in place (dx == grad, apex's in-place backward): a thread writes only
+// the columns it read itself, after the row's dot(grad, probs) is complete (warp_sum / block_reduce),
+// so grad and dx are not __restrict__.
 template <typename T, int kVec, int kIters>
 __global__ void __launch_bounds__(kWarp* kWarpRowsPerBlock)
-    softmax_backward_warp(const T* __restrict__ grad, const T* __restrict__ probs, T* __restrict__ dx, int64_t rows,
+    softmax_backward_warp(const T* grad, const T* __restrict__ probs, T* dx, int64_t rows,
                           int64_t sq, int sk, bool causal, float scale) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / kWarp;
   if (row >= rows) return;
@@ -199,7 +202,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
-    softmax_backward_block(const T* __restrict__ grad, const T* __restrict__ probs, T* __restrict__ dx, int64_t sq,
+    softmax_backward_block(const T* grad, const T* __restrict__ probs, T* dx, int64_t sq,
                            int sk, bool causal, float scale) {
   __shared__ float shared[33];
   const int64_t row = blockIdx.x;

@@ -190,10 +190,10 @@ def _backward_fake(grad: torch.Tensor, probs: torch.Tensor, scale: float, causal
 def _backward_inplace_op(grad: torch.Tensor, probs: torch.Tensor, scale: float, causal: bool) -> None:
     """The backward written over ``grad`` (apex's in-place backward); allocates nothing on the kernel path."""
     _check_backward(grad, probs, causal)
-    fn = _kernel("scaled_softmax_backward_", probs) if grad.is_cpu and grad.is_contiguous() else None
+    fn = _kernel("scaled_softmax_backward_", probs) if grad.is_contiguous() else None
     if fn is not None:
         fn(grad, probs, scale, causal)
-    else:  # no in-place kernel here (CUDA, an old build, no build): same result through a temporary
+    else:  # no kernel here (a non-contiguous grad, no build): same result through a temporary
         grad.copy_(_backward_op(grad, probs, scale, causal))
 
 
@@ -215,16 +215,16 @@ def softmax_backward_may_overwrite(grad: torch.Tensor, probs: torch.Tensor) -> b
     one) and the engine holds the only references, the same test torch's own in-place gradient
     accumulation makes (TensorImpl and storage use counts). Not while tracing (torch.compile,
     opcheck: fake/functional tensors), where the out-of-place op lets the compiler plan memory; not
-    for a grad that itself requires grad (double backward); and only where the in-place CPU kernel
-    exists (the CUDA kernels cannot alias their input and output). One case the counts cannot see:
+    for a grad that itself requires grad (double backward); and only where the in-place kernel
+    exists (CPU, and CUDA in a CUDA build). One case the counts cannot see:
     a Python hook on the probabilities that keeps its ``grad`` argument sees it overwritten.
     """
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or grad.requires_grad:
         return False
-    if not (grad.is_cpu and grad.is_contiguous() and grad.dtype == probs.dtype and grad.shape == probs.shape):
+    if not (grad.is_contiguous() and grad.dtype == probs.dtype and grad.shape == probs.shape):
         return False
     ext = load_extension()
-    if ext is None or not hasattr(ext, "tensor_use_counts") or not hasattr(ext, "scaled_softmax_backward_"):
+    if ext is None or not hasattr(ext, "tensor_use_counts") or _kernel("scaled_softmax_backward_", probs) is None:
         return False
     return tuple(ext.tensor_use_counts(grad)) == _AUTOGRAD_ONLY_REFS
 
