@@ -5,12 +5,19 @@ and check for inf/nan on every rank (fp16), clip by the global norm, step AdamW 
 masters, copy them back into the (bf16/fp16/fp32) parameters, and with the distributed
 optimizer all-gather the updated parameters over DP.
 
+In every precision a step whose loss or global gradient norm is not finite is skipped on every
+rank: the norm is reduced over the whole world (model parallel, plus data parallel for the
+distributed optimizer's shards; the plain optimizer's gradients are already DP all-reduced), so a
+nan or inf on any rank reaches every rank's norm and all of them take the same branch, with the
+same collectives, without an extra all-reduce (as Megatron does).
+
 The global norm counts every parameter once: TP-replicated parameters (norms, row biases) only
 on TP rank 0, then sums over TP x PP; the distributed optimizer's shards also sum over DP.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -81,7 +88,9 @@ class Optimizer:
         self.adam = _make_adamw(groups, cfg, device_type)
         self.iteration = 0  # completed (not skipped) + skipped steps: the schedule's clock
         self.adam_steps = 0  # Adam updates taken: bias correction's t, whatever implementation runs
-        self.num_skipped = 0
+        self.num_skipped = 0  # every skipped step of the run (saved in checkpoints, in the log line)
+        self.skipped_in_a_row = 0  # skipped steps since the last applied one
+        self.hopeless_in_a_row = 0  # of those, the ones a lower loss scale cannot fix (see _note_skip)
         self.last_grad_norm = float("nan")
 
     # ---- one training step ---------------------------------------------------------------
@@ -97,8 +106,13 @@ class Optimizer:
             p.grad = None
         self.buffer.start_step(num_microbatches)
 
-    def step(self) -> Dict[str, float]:
-        """Returns {'lr', 'grad_norm', 'loss_scale', 'skipped'}."""
+    def step(self, loss_finite: bool = True) -> Dict[str, float]:
+        """Returns {'lr', 'grad_norm', 'loss_scale', 'skipped'}.
+
+        Skipped, on every rank alike, when `loss_finite` is False (the caller passes the loss
+        after its all-reduce, identical everywhere) or the global gradient norm is not finite:
+        no parameter, master, Adam moment or Adam step count changes. The schedule's clock
+        (`iteration`) still advances, as it always did for fp16 overflows."""
         self.buffer.finish()
         reduce_sequence_parallel_gradients(self.params)
         for pc in self.pieces:  # (re)attach: the accumulation hook clears param.grad
@@ -107,16 +121,18 @@ class Optimizer:
         scale = self.loss_scale
         if scale != 1.0 and grads:
             torch._foreach_mul_(grads, 1.0 / scale)
-        found_inf = False
+        overflow = False
         if self.scaler is not None:
-            found_inf = self._found_inf_anywhere(grads)
-            self.scaler.update(found_inf)
+            overflow = self._found_inf_anywhere(grads)
+            self.scaler.update(overflow)
         lr = self.schedule.lr(self.iteration)
         self.iteration += 1
-        if found_inf:
-            self.num_skipped += 1
-            return dict(lr=lr, grad_norm=float("nan"), loss_scale=scale, skipped=True)
-        grad_norm = self.global_grad_norm()
+        grad_norm = float("nan") if overflow else self.global_grad_norm()
+        if not (loss_finite and math.isfinite(grad_norm)):
+            at_floor = self.scaler is None or scale <= self.scaler.min_scale
+            self._note_skip(hopeless=not loss_finite or at_floor)
+            return dict(lr=lr, grad_norm=grad_norm, loss_scale=scale, skipped=True)
+        self.skipped_in_a_row = self.hopeless_in_a_row = 0
         self.last_grad_norm = grad_norm
         if self.cfg.clip_grad > 0 and grad_norm > self.cfg.clip_grad:
             torch._foreach_mul_(grads, self.cfg.clip_grad / (grad_norm + 1e-6))
@@ -126,6 +142,16 @@ class Optimizer:
         self.adam_steps += 1
         self._copy_masters_to_params()
         return dict(lr=lr, grad_norm=grad_norm, loss_scale=scale, skipped=False)
+
+    def _note_skip(self, hopeless: bool) -> None:
+        """Count a skipped step. `hopeless`: lowering the loss scale cannot fix it, so it counts
+        toward --max-skipped-steps: every skip in bf16/fp32; in fp16 a non-finite loss (the
+        forward does not see the scale) or an overflow at --min-loss-scale. fp16 overflows above
+        the floor are the scaler's normal back-off (16 in a row from the default 2^16 to 1)."""
+        self.num_skipped += 1
+        self.skipped_in_a_row += 1
+        if hopeless:
+            self.hopeless_in_a_row += 1
 
     def _found_inf_anywhere(self, grads) -> bool:
         flag = torch.zeros(1, dtype=torch.float32, device=self.buffer.data.device)
@@ -137,10 +163,16 @@ class Optimizer:
         return bool(flag.item())
 
     def global_grad_norm(self) -> float:
+        """The L2 norm of every gradient of the model, the same float on every rank; nan or inf
+        when any rank holds a non-finite gradient, including the TP-replicated ones it does not
+        count (they add 0 * their norm: 0 when finite, nan otherwise)."""
         local = torch.zeros(1, dtype=torch.float32, device=self.buffer.data.device)
         counted = [pc.grad for pc in self.pieces if pc.counts_for_norm]
         if counted:
             local += torch.stack(torch._foreach_norm(counted, 2.0)).float().pow(2).sum()
+        uncounted = [pc.grad for pc in self.pieces if not pc.counts_for_norm]
+        if uncounted:
+            local += torch.stack(torch._foreach_norm(uncounted, 2.0)).float().sum() * 0.0
         if dist.is_initialized() and state.is_initialized():
             dist.all_reduce(local, group=state.get_model_parallel_group())
             if self.distributed:

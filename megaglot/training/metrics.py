@@ -54,9 +54,11 @@ class Metrics:
         tflops = flops_per_iter / seconds_per_iter / dist.get_world_size() / 1e12
         mfu = f"{100 * tflops * 1e12 / H100_BF16_PEAK:.1f}%" if run.device.type == "cuda" else "n/a (CPU)"
         memory = peak_memory_gb(run.device)
+        opt = run.optimizer
+        skipped = f"{opt.num_skipped}" + (f" ({opt.skipped_in_a_row} in a row)" if opt.skipped_in_a_row else "")
         log0(f"iter {iteration:6d}/{cfg.train_iters} | samples {consumed:9d} | loss {stats['loss']:.4f} | "
              f"lr {stats['lr']:.3e} | grad norm {stats['grad_norm']:.3f} | loss scale {stats['loss_scale']:.0f} | "
-             f"skipped {run.optimizer.num_skipped} | {1000 * seconds_per_iter:.1f} ms/iter | "
+             f"skipped {skipped} | {1000 * seconds_per_iter:.1f} ms/iter | "
              f"{tokens_per_iter / seconds_per_iter:.0f} tokens/s | {tflops:.3f} TFLOP/s/GPU | MFU {mfu} | "
              f"peak mem {memory:.2f} GB")
         self._scalars(iteration, {**{key: stats[key] for key in ("loss", "lr", "grad_norm", "loss_scale")},

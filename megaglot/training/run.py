@@ -6,6 +6,7 @@ step the same object.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -24,6 +25,12 @@ from megaglot.optim.schedule import LRSchedule
 from megaglot.parallel import state
 from megaglot.parallel.random import model_parallel_seed
 from megaglot.pipeline.schedules import forward_backward
+
+
+class TrainingDiverged(ValueError):
+    """--max-skipped-steps consecutive steps had a non-finite loss or gradient norm. Raised by
+    train_step on every rank alike, before the loop saves: skipped steps never touch the weights,
+    so no checkpoint holds a nan. A ValueError, so the scripts print it as one `error:` line."""
 
 
 @dataclass
@@ -112,15 +119,33 @@ def loss_everywhere(loss: Optional[torch.Tensor], device) -> float:
 
 
 def train_step(run: Run, microbatches: list) -> dict:
-    """One optimizer step over this DP rank's microbatches of the global batch."""
+    """One optimizer step over this DP rank's microbatches of the global batch.
+
+    The loss is reduced before the step so that a non-finite one (the same value on every rank)
+    skips the step everywhere; raises TrainingDiverged after --max-skipped-steps skips in a row."""
     for c in run.chunks:
         c.train()
     run.optimizer.start_step(len(microbatches))
     loss = forward_backward(run.chunks, microbatches, forward_step(run, run.optimizer.loss_scale),
                             tensor_shape=run.tensor_shape, dtype=run.dtype, device=run.device)
-    stats = run.optimizer.step()
-    stats["loss"] = loss_everywhere(loss, run.device)
+    loss_value = loss_everywhere(loss, run.device)
+    stats = run.optimizer.step(loss_finite=math.isfinite(loss_value))
+    stats["loss"] = loss_value
+    check_divergence(run, stats)
     return stats
+
+
+def check_divergence(run: Run, stats: dict) -> None:
+    """Stop the run (every rank takes the same decision: the counts follow all-reduced values)."""
+    opt, limit = run.optimizer, run.train_cfg.max_skipped_steps
+    if limit <= 0 or opt.hopeless_in_a_row < limit:
+        return
+    fp16 = " (fp16: at --min-loss-scale)" if opt.scaler is not None else ""
+    raise TrainingDiverged(
+        f"iteration {opt.iteration}: {opt.hopeless_in_a_row} consecutive steps skipped for a non-finite loss or "
+        f"gradient norm{fp16} (--max-skipped-steps {limit}; last loss {stats['loss']:.4g}, grad norm "
+        f"{stats['grad_norm']:.4g}); the weights are those of iteration {opt.iteration - opt.skipped_in_a_row} "
+        f"and no checkpoint holds a non-finite value; lower --lr, or resume from an earlier checkpoint with --load")
 
 
 def global_batches(dataset, consumed: int, run: Run):
