@@ -6,6 +6,12 @@ Backends: `torch` (the plain reference, eager rotary), `sdpa` (torch's scaled_do
 and `fused` (megaglot's causal softmax kernel); the last two rotate q and k with the fused rotary
 kernel. All compute the same thing to round-off.
 
+Packed sequences (several samples per row): `packed_attention(position_ids, segment_ids)` gives a
+`PackedSequences` that the chunk hands to every layer: rotary then rotates each token by its own
+position, and token j attends to token i only if i <= j and both are in the same segment. `sdpa`
+passes that boolean mask to scaled_dot_product_attention; `torch` and `fused` use the explicit
+masked softmax (the fused kernel knows only the plain causal mask). Without it nothing changes.
+
 Inference: `KVCache` keeps every layer's keys and values for generation; with one, a forward pass
 over s new tokens attends to the cached positions plus its own (`cached_attention`).
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,30 +43,58 @@ class CoreAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, mask: Optional[torch.Tensor] = None):
+        """mask: None (causal) or a boolean `[b, 1, s, s]`, True where a query may see a key."""
         s, b, np_, hn = q.shape
         dropout = self.dropout if self.training else 0.0
         if self.backend == "sdpa":
             qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, np, s, hn]
+            masking = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
             with get_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
-                ctx = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=dropout, is_causal=True, scale=self.scale)
+                ctx = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=dropout, scale=self.scale, **masking)
             return ctx.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
         # [b*np, s, hn] batches for bmm
         qb = q.permute(1, 2, 0, 3).reshape(b * np_, s, hn)
         kb = k.permute(1, 2, 0, 3).reshape(b * np_, s, hn)
         vb = v.permute(1, 2, 0, 3).reshape(b * np_, s, hn)
-        if self.backend == "fused":
+        if self.backend == "fused" and mask is None:
             probs = scaled_upper_triang_masked_softmax(torch.bmm(qb, kb.transpose(1, 2)), self.scale)
         else:
             scores = torch.bmm(qb, kb.transpose(1, 2)) * self.scale  # [b*np, s, s]
-            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
+            if mask is None:
+                causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores.view(b, np_, s, s).masked_fill(~mask, torch.finfo(scores.dtype).min)
+                scores = scores.view(b * np_, s, s)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         if dropout > 0:
             with get_rng_tracker().fork():  # heads differ per TP rank: so do their masks
                 probs = F.dropout(probs, p=dropout, training=True)
         ctx = torch.bmm(probs, vb)  # [b*np, s, hn]
         return ctx.view(b, np_, s, hn).permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
+
+
+class PackedSequences(NamedTuple):
+    """Per-token positions `[b, s]` and the segment mask `[b, 1, s, s]` of a packed batch."""
+
+    position_ids: torch.Tensor
+    mask: torch.Tensor
+
+
+def packed_attention(position_ids: torch.Tensor, segment_ids: torch.Tensor) -> PackedSequences:
+    """The attention inputs of rows that hold several samples (full length `[b, s]`, also under SP).
+
+    Token j sees token i when i <= j and segment_ids[i] == segment_ids[j]: every sample attends only
+    to itself, exactly as if it ran alone (padding, with its own segment id, sees only padding).
+    """
+    if position_ids.shape != segment_ids.shape or position_ids.dim() != 2:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} and segment_ids {tuple(segment_ids.shape)} "
+                         f"must both be [b, s]")
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, s (query), s (key)]
+    return PackedSequences(position_ids.long(), (same & causal).unsqueeze(1))
 
 
 class KVCache:
@@ -153,29 +188,49 @@ class SelfAttention(nn.Module):
             params_dtype=params_dtype, device=device)
         self.core = CoreAttention(config)
 
-    def forward(self, x: torch.Tensor, position_offset: int = 0, kv_cache: "LayerKVCache" = None):
+    def forward(self, x: torch.Tensor, position_offset: int = 0, kv_cache: "LayerKVCache" = None,
+                packed: Optional[PackedSequences] = None):
         """x: `[s(/tp), b, h]`; tokens sit at positions position_offset .. position_offset + s - 1.
 
-        kv_cache: inference only; the new keys/values are appended and attention covers the cache."""
+        kv_cache: inference only; the new keys/values are appended and attention covers the cache.
+        packed: per-token positions and the segment mask of packed samples (then position_offset is unused)."""
         qkv, _ = self.query_key_value(x)  # [s, b, np/tp * 3 * hn]
         s, b = qkv.shape[0], qkv.shape[1]
         qkv = qkv.view(s, b, self.heads_per_rank, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each [s, b, np/tp, hn]
-        rd = self.config.rotary_ndims
-        if rd > 0:
-            length = max(position_offset + s, self.config.max_position_embeddings)  # one cached table
-            cos, sin = rotary_cos_sin(length, rd, self.config.rotary_base, q.device)
-            cos, sin = cos[position_offset:position_offset + s], sin[position_offset:position_offset + s]
-            if self.config.attention_backend != "torch":  # the fused kernel: one pass over q and k
-                q, k = fused_rotary(q, k, cos, sin)
-            else:
-                q, k = apply_rotary_torch(q, cos, sin), apply_rotary_torch(k, cos, sin)
+        if self.config.rotary_ndims > 0:
+            q, k = self._rotary(q, k, position_offset) if packed is None else \
+                self._rotary_per_token(q, k, packed.position_ids)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
             ctx = cached_attention(q, k, v, kv_cache.offset, self.core.scale)
         elif self.recompute_core and self.training:
-            ctx = checkpoint(self.core, q, k, v)
+            ctx = checkpoint(self.core, q, k, v) if packed is None else checkpoint(self.core, q, k, v, packed.mask)
         else:
-            ctx = self.core(q, k, v)  # [s, b, h/tp]
+            ctx = self.core(q, k, v) if packed is None else self.core(q, k, v, packed.mask)  # [s, b, h/tp]
         out, bias = self.dense(ctx)  # [s(/tp), b, h], bias added by the caller after dropout
         return out, bias
+
+    def _rotate(self, q, k, cos, sin):
+        if self.config.attention_backend != "torch":  # the fused kernel: one pass over q and k
+            return fused_rotary(q, k, cos, sin)
+        return apply_rotary_torch(q, cos, sin), apply_rotary_torch(k, cos, sin)
+
+    def _rotary(self, q, k, position_offset: int):
+        s, rd = q.shape[0], self.config.rotary_ndims
+        length = max(position_offset + s, self.config.max_position_embeddings)  # one cached table
+        cos, sin = rotary_cos_sin(length, rd, self.config.rotary_base, q.device)
+        return self._rotate(q, k, cos[position_offset:position_offset + s], sin[position_offset:position_offset + s])
+
+    def _rotary_per_token(self, q, k, position_ids: torch.Tensor):
+        """Rotary at positions `[b, s]`: the rotary ops take one table row per leading index, so
+        `[s, b, np, hn]` is viewed as `[s*b, 1, np, hn]` with the rows gathered in that order."""
+        s, b, np_, hn = q.shape
+        if tuple(position_ids.shape) != (b, s):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected [b, s] = [{b}, {s}] "
+                             f"(full length, also under sequence parallel)")
+        length = max(s, self.config.max_position_embeddings)  # packed positions restart, so stay below s
+        cos, sin = rotary_cos_sin(length, self.config.rotary_ndims, self.config.rotary_base, q.device)
+        rows = position_ids.t().reshape(-1).to(q.device)  # [s*b], s-major like q
+        q, k = self._rotate(q.reshape(s * b, 1, np_, hn), k.reshape(s * b, 1, np_, hn), cos[rows], sin[rows])
+        return q.view(s, b, np_, hn), k.view(s, b, np_, hn)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaglot.config import ModelConfig
+from megaglot.model.attention import PackedSequences, packed_attention
 from megaglot.model.layernorm import LayerNorm
 from megaglot.model.transformer import TransformerBlock
 from megaglot.parallel import state
@@ -99,9 +100,12 @@ class GPTChunk(nn.Module):
         # Positions are 0..s-1 (GPT samples never reset them); `position_offset` is for generation.
         # `kv_cache` (attention.KVCache, inference only): positions start at its offset and every
         # layer appends its keys/values; the caller advances the cache after the pass.
+        # `segment_ids` [b, s] (packed samples, with `position_ids` [b, s]): every layer rotates by the
+        # per-token positions and attends only within a segment; every stage reads them from the batch.
         kv_cache = batch.get("kv_cache")
         default_offset = kv_cache.offset if kv_cache is not None else 0
         position_offset = int(batch.get("position_offset", default_offset))
+        packed = self._packed(batch)
         if self.pre_process:
             hidden = self.embed_in(batch["tokens"].t())  # [s(/tp), b, h]
             p = self.config.hidden_dropout if self.training else 0.0
@@ -112,13 +116,14 @@ class GPTChunk(nn.Module):
             if input_tensor is None:
                 raise ValueError("a chunk that does not embed needs the previous stage's activations")
             hidden = input_tensor
+        extra = () if packed is None else (None, packed)  # batches without segment_ids: today's calls
         for layer_id, layer in zip(self.layer_ids, self.layers):
             if kv_cache is not None:
                 hidden = layer(hidden, position_offset, kv_cache.layer(layer_id))
             elif self.recompute_full and self.training:
-                hidden = checkpoint(layer, hidden, position_offset)
+                hidden = checkpoint(layer, hidden, position_offset, *extra)
             else:
-                hidden = layer(hidden, position_offset)
+                hidden = layer(hidden, position_offset, *extra)
         if not self.post_process:
             return hidden
         hidden = self.final_layer_norm(hidden)
@@ -128,6 +133,19 @@ class GPTChunk(nn.Module):
             return logits
         losses = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.config.vocab_size)
         return losses.t()  # [b, s]
+
+    @staticmethod
+    def _packed(batch: dict) -> Optional[PackedSequences]:
+        """The per-token positions and segment mask of a packed batch; None for an ordinary one."""
+        segment_ids = batch.get("segment_ids")
+        if segment_ids is None:
+            return None
+        if batch.get("kv_cache") is not None:
+            raise ValueError("segment_ids (packed samples) cannot be combined with a kv_cache (generation)")
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            raise ValueError("a batch with segment_ids needs position_ids [b, s] too (positions restart per sample)")
+        return packed_attention(position_ids, segment_ids)
 
 
 def build_model_chunks(config: ModelConfig, *, seed: int = 1234, sequence_parallel: bool = False,

@@ -72,10 +72,15 @@ class TransformerBlock(nn.Module):
         with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
             return F.dropout(x, p=p, training=True)
 
-    def forward(self, x: torch.Tensor, position_offset: int = 0, kv_cache=None) -> torch.Tensor:
-        # x: [s(/tp), b, h]; kv_cache: this layer's inference cache (attention.LayerKVCache) or None
-        attn = self.attention(self.input_layernorm(x), position_offset, kv_cache) if kv_cache is not None \
-            else self.attention(self.input_layernorm(x), position_offset)
+    def forward(self, x: torch.Tensor, position_offset: int = 0, kv_cache=None, packed=None) -> torch.Tensor:
+        # x: [s(/tp), b, h]; kv_cache: this layer's inference cache (attention.LayerKVCache) or None;
+        # packed: attention.PackedSequences of a batch of packed samples, or None
+        if packed is not None:
+            attn = self.attention(self.input_layernorm(x), position_offset, kv_cache, packed)
+        elif kv_cache is not None:
+            attn = self.attention(self.input_layernorm(x), position_offset, kv_cache)
+        else:
+            attn = self.attention(self.input_layernorm(x), position_offset)
         if self.config.use_parallel_residual:
             mlp = self.mlp(self.post_attention_layernorm(x))
             no_dropout = self.config.hidden_dropout == 0.0 or not self.training
