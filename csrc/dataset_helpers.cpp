@@ -3,9 +3,13 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <system_error>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace py = pybind11;
@@ -99,10 +103,85 @@ py::tuple build_blending_indices(py::array_t<double, py::array::c_style | py::ar
   return py::make_tuple(dataset_index, dataset_sample_index);
 }
 
+// Largest element of a token array (the .bin of an indexed dataset, memory-mapped): the trainer's
+// check that every id is below the model's vocabulary. One pass, split over threads with the GIL
+// released, so a 10^10-token file is read at page-cache speed once and its result cached.
+template <typename T>
+T max_of_range(const T* data, int64_t begin, int64_t end) {
+  T best = data[begin];
+  for (int64_t i = begin + 1; i < end; ++i) {
+    const T value = data[i];
+    if (value > best || value != value) best = value;  // a float NaN sticks, as in numpy's max
+  }
+  return best;
+}
+
+template <typename T>
+T parallel_max(const T* data, int64_t n, int64_t threads) {
+  if (threads <= 0) {  // automatic: up to 16 threads, none with under ~4M elements (it would cost more than it saves)
+    const int64_t min_chunk = int64_t(1) << 22;
+    threads = std::min<int64_t>(std::max<unsigned>(std::thread::hardware_concurrency(), 1u), 16);
+    threads = std::min<int64_t>(threads, (n + min_chunk - 1) / min_chunk);
+  }
+  threads = std::max<int64_t>(1, std::min<int64_t>({threads, n, int64_t(256)}));
+  const int64_t chunk = (n + threads - 1) / threads;
+  threads = (n + chunk - 1) / chunk;  // every range non-empty
+  if (threads == 1) return max_of_range(data, 0, n);
+  std::vector<T> partial(threads);
+  std::vector<std::thread> workers;
+  for (int64_t t = 0; t < threads; ++t) {
+    const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
+    try {
+      workers.emplace_back([&partial, data, t, begin, end] { partial[t] = max_of_range(data, begin, end); });
+    } catch (const std::system_error&) {  // no thread to be had: this one does the range itself
+      partial[t] = max_of_range(data, begin, end);
+    }
+  }
+  for (auto& worker : workers) worker.join();
+  return max_of_range(partial.data(), 0, threads);
+}
+
+template <typename T>
+bool try_max(const py::array& tokens, int64_t threads, py::object& out) {
+  if (!py::isinstance<py::array_t<T>>(tokens)) return false;
+  const T* data = static_cast<const T*>(tokens.data());
+  const int64_t n = tokens.shape(0);
+  T best;
+  {
+    py::gil_scoped_release release;
+    best = parallel_max(data, n, threads);
+  }
+  if (std::is_floating_point<T>::value)
+    out = py::float_(static_cast<double>(best));
+  else
+    out = py::int_(static_cast<int64_t>(best));
+  return true;
+}
+
+// Returns an int (a float for float arrays), or None for an empty array. Never copies: the array
+// must be 1-D, contiguous and native-endian, as a numpy memmap of a .bin is.
+py::object max_token_id(const py::array& tokens, int64_t threads) {
+  if (tokens.ndim() != 1) throw std::invalid_argument("max_token_id: expected a 1-D token array");
+  if (tokens.shape(0) == 0) return py::none();
+  if (tokens.strides(0) != tokens.itemsize())
+    throw std::invalid_argument("max_token_id: the token array must be contiguous");
+  py::object out;
+  if (try_max<uint8_t>(tokens, threads, out) || try_max<int8_t>(tokens, threads, out) ||
+      try_max<int16_t>(tokens, threads, out) || try_max<uint16_t>(tokens, threads, out) ||
+      try_max<int32_t>(tokens, threads, out) || try_max<int64_t>(tokens, threads, out) ||
+      try_max<float>(tokens, threads, out) || try_max<double>(tokens, threads, out))
+    return out;
+  throw std::invalid_argument("max_token_id: unsupported dtype " + std::string(py::str(tokens.dtype())) +
+                              " (expected a native-endian MMIDIDX dtype)");
+}
+
 void register_dataset_helpers(py::module& m) {
   m.def("build_sample_idx", &build_sample_idx, py::arg("sizes"), py::arg("doc_idx"), py::arg("seq_length"),
         py::arg("num_samples"),
         "Start (doc_idx position, offset) of each GPT sample of seq_length+1 tokens; shape [num_samples+1, 2].");
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
         "Greedy deterministic blend: (dataset index int16[size], sample index within it int64[size]).");
+  m.def("max_token_id", &max_token_id, py::arg("tokens"), py::arg("threads") = 0,
+        "Largest element of a 1-D token array (None if empty), in threads with the GIL released; "
+        "threads=0 picks up to 16 by size, more than 0 uses that many.");
 }

@@ -7,10 +7,13 @@
 With no arguments: a tiny model over the bundled Korean sample (preprocessed on first use with a
 freshly trained tokenizer), TP=2 x PP=2 on 4 processes (another fitting layout otherwise).
 That demo preset (see demo_preset) sets --seq-length 128 --train-iters 100 --eval-interval 20
---log-interval 10 --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 --save checkpoints/demo
+--log-interval 10 --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 --save checkpoints/demo --load checkpoints/demo
 --tensorboard-dir runs/demo --generate-prompt 대한민국의 수도는; any flag given overrides it. With
 --model or --data-path, the defaults below apply (--seq-length 128 for the tiny models).
 Every flag is a field of megaglot.config's dataclasses; --x none sets an optional field to None.
+
+SIGTERM (SLURM's warning before preemption) saves a checkpoint at the next step boundary and exits 0
+(143 without --save: nothing kept); Ctrl-C exits 130 with one line; an `error:` line exits 2.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CORPUS = os.path.join(ROOT, "examples", "data", "ko_sample.jsonl")
 DEMO_CACHE = os.path.join(ROOT, "examples", "data", "cache")
+DEMO_CHECKPOINT = os.path.join(ROOT, "checkpoints", "demo")  # --save and --load: a rerun resumes
 
 
 def parse_args(argv=None):
@@ -51,7 +55,7 @@ def demo_preset(world: int):
     tp, pp = default_layout(world)
     train = TrainConfig(seq_length=128, train_iters=100, eval_interval=20,
                         optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, lr_warmup_iters=10),
-                        checkpoint=CheckpointConfig(save=os.path.join(ROOT, "checkpoints", "demo")),
+                        checkpoint=CheckpointConfig(save=DEMO_CHECKPOINT, load=DEMO_CHECKPOINT),
                         logging=LoggingConfig(log_interval=10, tensorboard_dir=os.path.join(ROOT, "runs", "demo"),
                                               generate_prompt="대한민국의 수도는"))
     return "tiny", ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), train
@@ -141,47 +145,104 @@ def prepare_demo_data(train, model, cache: str = DEMO_CACHE):
     train.data.split = "90,10,0"
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from megaglot.config import ConfigError, TrainConfig
+def fit_vocab_to_tokenizer(model, tokenizer, path: str, vocab_given: bool):
+    """The model's vocabulary follows --tokenizer (a tokenizer trained with --vocab-size 4096 trains
+    the tiny model) unless --vocab-size or a published Polyglot-Ko preset (30003) fixes it; a
+    tokenizer larger than a fixed vocabulary is refused, naming both flags."""
+    import dataclasses
+
+    from megaglot.config import ConfigError
+
+    if not vocab_given and not model.name.startswith("polyglot-ko"):
+        return dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
+    if tokenizer.vocab_size > model.vocab_size:
+        fixed = "--vocab-size" if vocab_given else f"--model {model.name}"
+        raise ConfigError(f"--tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                          f"{model.vocab_size} (fixed by {fixed}); pass --vocab-size {tokenizer.vocab_size} or a "
+                          f"tokenizer of at most {model.vocab_size} tokens")
+    return model
+
+
+def start(args):
+    """(model, parallel, train, tokenizer) of the run, the process group formed, the banner printed."""
+    from megaglot.config import TrainConfig
     from megaglot.config.cli import given
     from megaglot.data.tokenizer import load_tokenizer
-    from megaglot.training import init_distributed, pretrain, shutdown
+    from megaglot.training import init_distributed
 
+    # The process group forms before the world size (and so the preset) is known: the flag or its default.
+    flags = given(args)
+    init_distributed(flags.get("train", {}).get("distributed_timeout_minutes", TrainConfig().distributed_timeout_minutes))
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    model, parallel, train, demo = build_configs(args, world)
+    # Refuse a layout that does not fit before anything is printed or prepared (the banner then
+    # states a DP size that exists), naming the flags to change.
+    parallel.validate(model, world)
+    if demo:
+        prepare_demo_data(train, model)
+    tokenizer = None
+    if train.data.tokenizer:
+        tokenizer = load_tokenizer(train.data.tokenizer)
+        model = fit_vocab_to_tokenizer(model, tokenizer, train.data.tokenizer, "vocab_size" in flags.get("model", {}))
+        parallel.validate(model, world)  # the vocabulary may have changed: TP must still divide its padding
+    if dist.get_rank() == 0:
+        print(f"megaglot: {model.name} ({model.num_parameters():,} parameters), TP={parallel.tensor_model_parallel_size} "
+              f"PP={parallel.pipeline_model_parallel_size} DP={parallel.data_parallel_size_for(world)}, "
+              f"{train.precision}, {train.train_iters} iterations of {train.global_batch_size} x {train.seq_length} tokens",
+              flush=True)
+    return model, parallel, train, tokenizer
+
+
+# Exit codes: 0 trained to --train-iters, or stopped by SIGTERM after saving a checkpoint (a
+# requeued job resumes with --load); 2 one `error:` line; 130 Ctrl-C; 143 SIGTERM without --save
+# (stopped at a step boundary, nothing kept); 1 an unexpected exception (its traceback).
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED_UNSAVED = 2, 130, 143
+
+
+def exit_interrupted(error: KeyboardInterrupt) -> None:
+    """One line from rank 0, then exit 130 at once: the process group is not torn down, since
+    peers that have already exited would make that wait."""
+    from megaglot.training.signals import Interrupted
+
+    line = str(error) if isinstance(error, Interrupted) else "interrupted outside the training loop (start-up or the end of the run)"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import traceback
+
+    from megaglot.config import ConfigError
+    from megaglot.parallel.launch import record_error
+    from megaglot.training import pretrain, shutdown
+    from megaglot.training.signals import watch_sigint
+
+    sigint = watch_sigint()
     try:
-        # The process group forms before the world size (and so the preset) is known: the flag or its default.
-        init_distributed(given(args).get("train", {}).get("distributed_timeout_minutes",
-                                                          TrainConfig().distributed_timeout_minutes))
-        import torch.distributed as dist
-
-        world = dist.get_world_size()
-        model, parallel, train, demo = build_configs(args, world)
-        # Refuse a layout that does not fit before anything is printed or prepared (the banner then
-        # states a DP size that exists), naming the flags to change.
-        parallel.validate(model, world)
-        if demo:
-            prepare_demo_data(train, model)
-        tokenizer = None
-        if train.data.tokenizer:
-            tokenizer = load_tokenizer(train.data.tokenizer)
-            if tokenizer.vocab_size > model.vocab_size:
-                raise ConfigError(f"--tokenizer {train.data.tokenizer} has {tokenizer.vocab_size} tokens but the model's "
-                                  f"vocabulary is {model.vocab_size}")
-        if dist.get_rank() == 0:
-            print(f"megaglot: {model.name} ({model.num_parameters():,} parameters), TP={parallel.tensor_model_parallel_size} "
-                  f"PP={parallel.pipeline_model_parallel_size} DP={parallel.data_parallel_size_for(world)}, "
-                  f"{train.precision}, {train.train_iters} iterations of {train.global_batch_size} x {train.seq_length} tokens",
-                  flush=True)
-        pretrain(model, parallel, train, tokenizer=tokenizer)
+        model, parallel, train, tokenizer = start(args)
+        result = pretrain(model, parallel, train, tokenizer=tokenizer)
+    except KeyboardInterrupt as e:
+        exit_interrupted(e)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        import torch.distributed as dist
-
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if sigint.seen:  # a peer's Ctrl-C exit broke this rank's collective
+            exit_interrupted(KeyboardInterrupt())
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        record_error(f"error: {e}")  # torchrun's summary names this line as the root cause
+        return EXIT_ERROR
+    except Exception as e:
+        if sigint.seen:
+            exit_interrupted(KeyboardInterrupt())
+        record_error(f"{type(e).__name__}: {e}", traceback.format_exc())
+        raise
     finally:
         shutdown()
-    return 0
+    return EXIT_TERMINATED_UNSAVED if result["stopped_by_signal"] and not train.checkpoint.save else 0
 
 
 if __name__ == "__main__":

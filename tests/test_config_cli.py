@@ -161,7 +161,7 @@ def _run_worker(rank, argvs):
     for argv in argvs:
         _, parallel, train, _ = example.build_configs(example.parse_args(argv), 1)
         model = get_model_preset("tiny-test")  # the demo's shape is not what this test is about
-        train = with_fields(train, seq_length=16, micro_batch_size=2, global_batch_size=4, save=None,
+        train = with_fields(train, seq_length=16, micro_batch_size=2, global_batch_size=4, save=None, load=None,
                             tensorboard_dir=None, generate_prompt=None)
         data = _Tokens(64, model.vocab_size, 16)
         printed = io.StringIO()

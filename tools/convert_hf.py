@@ -5,6 +5,11 @@ megaglot.checkpoint.convert. Runs on CPU, no torch.distributed, one tensor at a 
     python tools/convert_hf.py import --hf-dir polyglot-ko-1.3b --save ckpt/ko-1.3b \\
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 [--num-layers-per-virtual-pipeline-stage K]
     python tools/convert_hf.py export --load ckpt/ko-1.3b --hf-dir out/ko-1.3b-hf --tokenizer polyglot-ko-1.3b
+
+export writes a complete Hugging Face tokenizer (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json; pad/bos/eos are the tokenizer's own tokens, named by id in config.json),
+so `AutoTokenizer.from_pretrained(out)` pads batches for `AutoModelForCausalLM`. Without
+--tokenizer it uses the checkpoint's own copy, wherever the checkpoint was moved.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="checkpoint root (follows 'latest') or an iteration directory")
     exp.add_argument("--hf-dir", required=True, help="output directory (new or empty)")
     add_field_argument(exp, DataConfig, "tokenizer", default=None,
-                       help="tokenizer.json, or a directory whose tokenizer files to copy")
+                       help="tokenizer.json, or a directory whose tokenizer files to copy (default: the one the "
+                           "checkpoint records, its own copy)")
     exp.add_argument("--max-shard-size-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2 ** 20,
                      help="largest safetensors file; more files get model.safetensors.index.json (default 2048)")
     return p.parse_args(argv)

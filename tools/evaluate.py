@@ -10,7 +10,8 @@
 
 Task files in --data-dir: `<task>_test.jsonl` (or `<task>_validation.jsonl`, `<task>.jsonl`; also
 .parquet / .arrow with pyarrow), few-shot examples from `<task>_train.jsonl` when present.
-Ranks beyond TP x PP are data-parallel replicas that split the work.
+Ranks beyond TP x PP are data-parallel replicas that split the work. The tokenizer is the
+checkpoint's own copy (found also after the checkpoint was moved), or --tokenizer.
 """
 
 from __future__ import annotations

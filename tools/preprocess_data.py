@@ -33,8 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     tok = p.add_mutually_exclusive_group()
     add_field_argument(tok, DataConfig, "tokenizer", default=None, help="Hugging Face tokenizer.json (or its directory)")
     tok.add_argument("--train-tokenizer", action="store_true",
-                     help="train a byte-level BPE on the input, saved beside the output as tokenizer.json")
-    p.add_argument("--vocab-size", type=int, help="vocabulary size for --train-tokenizer")
+                     help="train a byte-level BPE on the input, saved beside the output as tokenizer.json (an existing "
+                          "identical one is reused; a different one is never overwritten)")
+    p.add_argument("--vocab-size", type=int,
+                   help="vocabulary size for --train-tokenizer (a small corpus learns fewer tokens; the log says so)")
     p.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to every document")
     p.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
     p.add_argument("--lang", help="language tag recorded in the sidecar (e.g. ko, en, ja)")
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
                            quiet=args.quiet)
     try:
         preprocess(cfg, log=io.StringIO() if args.quiet else sys.stderr)
-    except (PreprocessError, TokenizerError, IndexedDatasetError) as error:
+    except (PreprocessError, TokenizerError, IndexedDatasetError, OSError) as error:  # OSError: disk full, rights
         print(f"preprocess_data.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,7 +2,9 @@
 """Write a megaglot checkpoint at another TP/PP/VP (and DP, for distributed-optimizer shards)
 layout: the command-line face of megaglot.checkpoint.reshard. Offline, CPU, no torch.distributed,
 one tensor at a time. Model, fp32 master weights, Adam moments, iteration, consumed samples,
-scheduler and loss scale carry over; RNG states only when the layout is unchanged.
+scheduler, loss scale and the copied tokenizer carry over; RNG states only when the layout is
+unchanged. Every source file is checked against its recorded checksum as it is read, every
+written file gets one; --verify rereads both checkpoints (checksums, then tensors bit for bit).
 
     python tools/reshard_checkpoint.py --load ckpt/run --save ckpt/run-tp1pp4 \\
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 4 [--verify]
@@ -37,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DP parts of the distributed optimizer's state (default: the source's DP size); "
                         "the plain optimizer's state is written once whatever this is")
     p.add_argument("--verify", action="store_true",
-                   help="reread source and target and compare every full tensor bit for bit")
+                   help="reread source and target: every part file against its recorded checksum, then every "
+                        "full tensor bit for bit")
     p.add_argument("--quiet", action="store_true",
                    help="print nothing but errors (no progress bar on stderr, no summary lines on stdout)")
     return p.parse_args(argv)

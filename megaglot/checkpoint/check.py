@@ -2,16 +2,18 @@
 
 One validation for every reader that loads a checkpoint at another layout than it was saved at
 (training's `load_checkpoint`, the offline resharder): names, global shapes, split dimensions,
-stored sizes and dtypes, TP shards covered exactly. It reads the index files and one safetensors
-header per file, never tensor data, so a bad checkpoint fails in one line naming the file and the
-tensor before anything is copied or written. A sibling of `format` (which it reads through) only
+stored sizes and dtypes, TP shards covered exactly, part files present. It reads the index files
+and one safetensors header per file, never tensor data, so a bad checkpoint fails in one line
+naming the file and the tensor before anything is copied or written. It checks only the kinds the
+caller will read: loading weights alone neither needs nor checks the optimizer's files.
+`verify_checksums` is the other, costly check: every part file read whole against its checksum. A sibling of `format` (which it reads through) only
 because it needs the model's parameter list (`streaming.parameter_specs`), which imports `format`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
@@ -25,29 +27,35 @@ Specs = Dict[str, Tuple[Tuple[int, ...], Optional[int]]]
 Stored = Dict[str, Dict[str, Tuple[str, int]]]  # file -> key -> (safetensors dtype, numel)
 
 
-def check_checkpoint(reader: CheckpointReader, cfg: Optional[ModelConfig] = None) -> Dict[Tuple[str, str], torch.dtype]:
-    """Check every piece of `reader` against the model config (its own unless `cfg` is given)
-    without reading tensor data; returns {(kind, name): stored dtype}. Raises CheckpointError with
-    one line naming the file and the tensor."""
+def check_checkpoint(reader: CheckpointReader, cfg: Optional[ModelConfig] = None,
+                     kinds: Optional[Sequence[str]] = (MODEL,)) -> Dict[Tuple[str, str], torch.dtype]:
+    """Check the pieces of `kinds` (default the model's; None: every kind the checkpoint holds) of
+    `reader` against the model config (its own unless `cfg` is given) without reading tensor data;
+    returns {(kind, name): stored dtype}. Raises CheckpointError with one line naming the file and
+    the tensor."""
     cfg = cfg or model_config_of(reader)
     specs = parameter_specs(cfg)
-    _check_names(reader, cfg, specs)
-    stored = _stored_headers(reader)
+    pieces_of = reader.pieces_of(kinds)
+    for pieces in pieces_of.values():
+        for p in pieces:
+            reader.files.check_present(p.file)
+    _check_names(reader, cfg, specs, pieces_of)
+    stored = _stored_headers(reader, pieces_of)
     dtypes = {}
-    for (kind, name), pieces in sorted(reader.pieces.items(), key=lambda kv: (kv[0][0] != MODEL, kv[0])):
+    for (kind, name), pieces in sorted(pieces_of.items(), key=lambda kv: (kv[0][0] != MODEL, kv[0])):
         dtypes[(kind, name)] = _check_pieces(reader.directory, kind, name, pieces, specs[name], stored)
         _check_coverage(reader.directory, kind, name, pieces)
     return dtypes
 
 
-def _check_names(reader: CheckpointReader, cfg: ModelConfig, specs: Specs) -> None:
+def _check_names(reader: CheckpointReader, cfg: ModelConfig, specs: Specs, pieces_of) -> None:
     """Every kind holds exactly the model's tensors; optimizer state is all of its kinds or none."""
     where = reader.directory
-    kinds = sorted({kind for kind, _ in reader.pieces}, key=lambda k: (k != MODEL, k))  # model first
+    kinds = sorted({kind for kind, _ in pieces_of}, key=lambda k: (k != MODEL, k))  # model first
     if MODEL not in kinds:
         raise CheckpointError(f"{where}: holds no model tensors")
     for kind in kinds:
-        names = set(reader.names(kind))
+        names = {n for k, n in pieces_of if k == kind}
         missing = [n for n in specs if n not in names]
         if missing:
             raise CheckpointError(
@@ -64,10 +72,10 @@ def _check_names(reader: CheckpointReader, cfg: ModelConfig, specs: Specs) -> No
                               f"{', '.join(absent) or 'model'}; are optimizer shard files missing?")
 
 
-def _stored_headers(reader: CheckpointReader) -> Stored:
+def _stored_headers(reader: CheckpointReader, pieces_of) -> Stored:
     """Stored dtype and size of every key, one safetensors header per file (no tensor data is read)."""
     stored: Stored = {}
-    for file in sorted({p.file for pieces in reader.pieces.values() for p in pieces}):
+    for file in sorted({p.file for pieces in pieces_of.values() for p in pieces}):
         path = os.path.join(reader.directory, file)
         try:
             with safe_open(path, framework="pt") as handle:
@@ -126,3 +134,10 @@ def _check_coverage(where: str, kind: str, name: str, pieces: List[Piece]) -> No
         if covered != shard_numel:
             raise CheckpointError(f"{where}: {kind} tensor {name} TP shard {tp_rank} of {first.tp_size} is "
                                   f"incomplete ({covered} of {shard_numel} values); a shard file is missing")
+
+
+def verify_checksums(reader: CheckpointReader, kinds: Optional[Sequence[str]] = None) -> int:
+    """Read every part file holding `kinds` (None: all) whole against its recorded checksum, now
+    rather than on first use; returns how many files had one (older checkpoints record none)."""
+    files = sorted({p.file for pieces in reader.pieces_of(kinds).values() for p in pieces})
+    return sum(reader.files.verify(f) for f in files)

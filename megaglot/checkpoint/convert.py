@@ -1,7 +1,7 @@
 """Hugging Face GPT-NeoX directory <-> megaglot checkpoint, offline, one tensor at a time.
 
     import_hf(hf_dir, save, tp, pp, layers_per_virtual_stage=None)  -> the published iteration dir
-    export_hf(load, hf_dir, tokenizer=None)                           -> hf_dir
+    export_hf(load, hf_dir, tokenizer=None)                           -> hf_dir (with a complete HF tokenizer)
 
 No process groups: the target TP/PP ranks are iterated here and each full tensor is cut with
 `sharding.shard`. Memory stays near one tensor (plus its TP shards), whatever the model size:
@@ -34,7 +34,8 @@ from megaglot.checkpoint.format import (MODEL, CheckpointError, CheckpointReader
                                         model_config_of, model_part_name, publish, resolve, staging_dir, write_json,
                                         write_metadata)
 from megaglot.checkpoint.hf import (VOCAB_PADDED, hf_config_from_model_config, hf_name, hf_names,
-                                    is_ignored_hf_tensor, model_config_from_hf)
+                                    is_ignored_hf_tensor, missing_tokenizer_message, model_config_from_hf,
+                                    plan_hf_tokenizer, recorded_tokenizer, write_hf_tokenizer)
 from megaglot.checkpoint.sharding import shard
 from megaglot.checkpoint.streaming import (TORCH_DTYPES, StreamingPart, StreamingSafetensors, numel,
                                            parameter_specs, stage_names)
@@ -43,8 +44,6 @@ from megaglot.progress import progress
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "tokenizer.model")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
 
 
@@ -294,18 +293,14 @@ def _stored_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
         return TORCH_DTYPES[handle.get_slice(piece.key).get_dtype()]
 
 
-def _copy_tokenizer(tokenizer: str, out: str) -> List[str]:
-    if os.path.isdir(tokenizer):
-        files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, f))]
-        if not files:
-            raise CheckpointError(f"{tokenizer}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-        for f in files:
-            shutil.copy2(os.path.join(tokenizer, f), os.path.join(out, f))
-        return files
-    if not os.path.isfile(tokenizer):
-        raise CheckpointError(f"{tokenizer}: no such tokenizer file or directory")
-    shutil.copy2(tokenizer, os.path.join(out, os.path.basename(tokenizer)))
-    return [os.path.basename(tokenizer)]
+def _export_tokenizer(reader: CheckpointReader, cfg: ModelConfig, tokenizer: Optional[str]):
+    """--tokenizer, else the tokenizer the checkpoint records (its own copy, found wherever the
+    checkpoint was moved); None when it records none. A recorded tokenizer that is gone is an error."""
+    if tokenizer is None:
+        tokenizer, recorded = recorded_tokenizer(reader.metadata, reader.directory)
+        if tokenizer is None and recorded is not None:
+            raise CheckpointError(missing_tokenizer_message(reader.directory, recorded))
+    return None if tokenizer is None else plan_hf_tokenizer(tokenizer, cfg)
 
 
 def _plan_hf_files(specs, dtypes, cfg: ModelConfig, max_shard_bytes: int):
@@ -328,14 +323,15 @@ def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=None, quiet: bool = False) -> str:
     """Write the model of megaglot checkpoint `load` (a root with `latest`, or an iteration
     directory; any layout) as a Hugging Face GPT-NeoX directory `hf_dir` with the vocabulary
-    un-padded. `tokenizer`: a tokenizer.json, or a directory whose tokenizer files are copied."""
+    un-padded. `tokenizer`: a tokenizer.json, or a directory whose tokenizer files are copied
+    (default: the checkpoint's own); tokenizer_config.json and special_tokens_map.json are
+    completed with the tokenizer's special tokens, and config.json names the same ids."""
     log = log or (lambda msg: None)
     if not os.path.isdir(load):
         raise CheckpointError(f"{load}: no such checkpoint directory")
     reader = CheckpointReader(resolve(load))
     cfg = model_config_of(reader)
-    if tokenizer is not None and not os.path.exists(tokenizer):
-        raise CheckpointError(f"{tokenizer}: no such tokenizer file or directory")
+    tokenizer_plan = _export_tokenizer(reader, cfg, tokenizer)
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
         raise CheckpointError(f"{hf_dir}: exists and is not an empty directory; choose a new --hf-dir")
     specs = parameter_specs(cfg)
@@ -380,13 +376,13 @@ def export_hf(load: str, hf_dir: str, tokenizer: Optional[str] = None, *,
         if n > 1:
             write_json(os.path.join(staged, SAFETENSORS_INDEX),
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
-        config = hf_config_from_model_config(cfg)
+        config = hf_config_from_model_config(cfg, **(tokenizer_plan.ids if tokenizer_plan else {}))
         dtype_name = str(dtypes["embed_in.weight"]).replace("torch.", "")
         config["torch_dtype"] = dtype_name
         write_json(os.path.join(staged, "config.json"), config)
-        if tokenizer is not None:
-            copied = _copy_tokenizer(tokenizer, staged)
-            log(f"copied tokenizer files: {', '.join(copied)}")
+        if tokenizer_plan is not None:
+            written = write_hf_tokenizer(tokenizer_plan, staged)
+            log(f"tokenizer files: {', '.join(written)} ({tokenizer_plan.note})")
         if os.path.isdir(hf_dir):
             os.rmdir(hf_dir)  # empty, checked above
         os.replace(staged, hf_dir)

@@ -2,11 +2,14 @@
 
     CKPT/latest                         "iter_0000100", replaced atomically after the directory is complete
     CKPT/iter_0000100/metadata.json     model config, parallel layout, iteration, consumed samples,
-                                        scheduler / scaler state, format version
+                                        scheduler / scaler state, tokenizer ("tokenizer.json", relative
+                                        to this directory, when the run gave one), format version
     CKPT/iter_0000100/<part>.safetensors  tensors of one writer (a rank, or one TP/PP shard offline)
-    CKPT/iter_0000100/<part>.index.json   for every tensor in it: kind, global name, global shape,
-                                        partition dim, the TP size and rank it was saved at, and the
-                                        flat range of that TP shard it holds
+    CKPT/iter_0000100/<part>.index.json   {"pieces": [...], "checksum": {...}}: per tensor its kind, global
+                                        name, global shape, partition dim, the TP size and rank it was saved
+                                        at and the flat range of that TP shard it holds; the part file's
+                                        checksum ({"algorithm": "crc32", "value": 8 hex digits, "bytes"})
+    CKPT/iter_0000100/tokenizer.json    the run's tokenizer, copied in (optional)
     CKPT/iter_0000100/rng/rank_00003.json  RNG states of one rank
 
 A piece is a flat range of one TP shard of one tensor; whole shards are the common case, the
@@ -14,8 +17,13 @@ distributed optimizer writes partial ranges from each DP rank. Because every pie
 self-describing, a reader assembles the full tensor of any name whatever layout wrote it, so
 loading at another TP/PP/DP layout and offline resharding share this one reader. At the TP size
 a checkpoint was saved at, a rank reads only its own shard (`shard`, `shard_range`): no rank
-moves the whole model through memory to load its part of it. Nothing is
-unpickled: tensors are safetensors, everything else is JSON.
+moves the whole model through memory to load its part of it. Nothing is unpickled: tensors are
+safetensors, everything else is JSON.
+
+Checkpoints check themselves: a reader verifies a part file's checksum the first time it opens it
+(indexes without one, from older checkpoints, load unverified) and refuses non-finite values, in
+one line naming the file. It reads the `optim_*` parts' indexes only when optimizer state is asked
+for, so weights load (for --no-load-optim, export, generation) when the optimizer's files are gone.
 
 This module is the one place the format is spelled: part names, tensor kinds, the layout record
 (metadata.json's `parallel` section) and the model config a checkpoint describes. Training
@@ -27,15 +35,17 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+# CheckpointError is defined in `integrity` (which raises it too); everyone imports it from here
+from megaglot.checkpoint.integrity import CheckpointError, PartFiles, nonfinite_message
 from megaglot.config import ConfigError, ModelConfig
 
 FORMAT_VERSION = 1
@@ -44,17 +54,13 @@ MODEL = "model"
 OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
 """The kinds of optimizer state (fp32 master weights and Adam's moments): a checkpoint holds all
 three or none (a model-only checkpoint, e.g. a converted one)."""
+OPTIMIZER_PART_PREFIX = "optim_"
+"""Parts named so hold optimizer state only: their indexes are read when it is asked for."""
+TOKENIZER_FILE = "tokenizer.json"
+"""The tokenizer copied into an iteration directory; metadata's "tokenizer" names it relatively."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked; the message names the file."""
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+_numel = math.prod  # values in a shape (1 for a scalar's ())
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -70,7 +76,7 @@ def model_part_name(tp_rank: int, pp_rank: int) -> str:
 def optimizer_part_name(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
     """The optimizer state of one (TP, PP) position: DP rank 0's, or with the distributed optimizer
     each DP rank's own flat ranges."""
-    return f"optim_tp{tp_rank:02d}_pp{pp_rank:02d}_dp{dp_rank:03d}"
+    return f"{OPTIMIZER_PART_PREFIX}tp{tp_rank:02d}_pp{pp_rank:02d}_dp{dp_rank:03d}"
 
 
 # ---- the layout record: metadata.json's `parallel` section -----------------------------------
@@ -138,13 +144,26 @@ class PieceWriter:
                                tp_size=tp_size, tp_rank=tp_rank, start=start, end=end, key=key))
 
     def write(self) -> List[Tuple[str, int]]:
-        """Returns (file name, size in bytes) of both files, as this writer sees them."""
+        """Returns (file name, size in bytes) of both files, as this writer sees them. The part is
+        streamed (wider dtypes first: aligned), its checksum taken on the way out (no second copy,
+        no read-back); like safetensors' save_file, without an fsync."""
+        from megaglot.checkpoint.streaming import StreamingSafetensors  # it imports this module
+
         os.makedirs(self.directory, exist_ok=True)
         file = f"{self.part}.safetensors"
-        save_file(self.tensors, os.path.join(self.directory, file))
+        order = sorted(self.tensors, key=lambda k: -self.tensors[k].element_size())
+        entries = [(k, self.tensors[k].dtype, tuple(self.tensors[k].shape)) for k in order]
+        out = StreamingSafetensors(os.path.join(self.directory, file), entries, checksum=True, fsync=False)
+        try:
+            for key in order:
+                out.write(key, self.tensors[key])
+            out.close()
+        finally:
+            out.abort()
         for entry in self.index:
             entry["file"] = file
-        write_json(os.path.join(self.directory, f"{self.part}.index.json"), {"pieces": self.index})
+        write_json(os.path.join(self.directory, f"{self.part}.index.json"),
+                   {"pieces": self.index, "checksum": out.checksum.record()})
         return [(f, os.path.getsize(os.path.join(self.directory, f))) for f in (file, f"{self.part}.index.json")]
 
 
@@ -160,7 +179,8 @@ def write_json(path: str, obj) -> None:
 
 class CheckpointReader:
     """Reads the pieces of one iteration directory: full tensors, one at a time, or one rank's
-    shard (or range of it) of a tensor."""
+    shard (or range of it) of a tensor. Verifies each part file's checksum the first time it
+    opens it and refuses non-finite values (see the module docstring)."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -171,44 +191,74 @@ class CheckpointReader:
         if self.metadata.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{meta_path}: format version {self.metadata.get('format_version')}, "
                                   f"this megaglot reads {FORMAT_VERSION}")
-        self.pieces: Dict[Tuple[str, str], List[Piece]] = {}
+        self._all: Dict[Tuple[str, str], List[Piece]] = {}  # see `pieces`
+        self._handles = {}  # part file -> open safetensors handle
+        self.files = PartFiles(directory)  # missing part files, recorded checksums, verified ones
         index_files = sorted(glob.glob(os.path.join(directory, "*.index.json")))
         if not index_files:
             raise CheckpointError(f"{directory}: no *.index.json files; the checkpoint holds no tensors")
-        for path in index_files:
-            for entry in read_json(path)["pieces"]:
-                entry["global_shape"] = tuple(entry["global_shape"])
-                piece = Piece(**entry)
-                if not os.path.isfile(os.path.join(directory, piece.file)):
-                    raise CheckpointError(f"{path}: refers to missing shard {piece.file}")
-                self.pieces.setdefault((piece.kind, piece.name), []).append(piece)
-        self._handles = {}
+        self._deferred = [p for p in index_files if os.path.basename(p).startswith(OPTIMIZER_PART_PREFIX)]
+        for path in (p for p in index_files if p not in self._deferred):
+            self._read_index(path)
+
+    def _read_index(self, path: str) -> None:
+        """A missing part file holding model pieces fails here, any other when it is read."""
+        index = read_json(path)
+        self.files.add_index(path, index)
+        for entry in index["pieces"]:
+            entry["global_shape"] = tuple(entry["global_shape"])
+            piece = Piece(**entry)
+            self.files.require(piece.file, path, fail=piece.kind == MODEL)
+            self._all.setdefault((piece.kind, piece.name), []).append(piece)
+
+    def _load_deferred(self) -> None:
+        while self._deferred:
+            self._read_index(self._deferred.pop(0))
+
+    @property
+    def pieces(self) -> Dict[Tuple[str, str], List[Piece]]:
+        """{(kind, name): its pieces} of every kind (reads the optimizer's indexes)."""
+        self._load_deferred()
+        return self._all
+
+    def pieces_of(self, kinds: Optional[Sequence[str]] = None) -> Dict[Tuple[str, str], List[Piece]]:
+        """{(kind, name): pieces} of `kinds` (all: None); the optimizer's indexes are read only
+        when a kind other than the model's is asked for."""
+        if kinds is None or any(k != MODEL for k in kinds):
+            self._load_deferred()
+        return {key: pieces for key, pieces in self._all.items() if kinds is None or key[0] in kinds}
 
     def names(self, kind: str = MODEL) -> List[str]:
-        return sorted(name for k, name in self.pieces if k == kind)
+        return sorted(name for k, name in self.pieces_of([kind]))
 
     def has(self, kind: str, name: str) -> bool:
-        return (kind, name) in self.pieces
+        return bool(self._pieces(kind, name, required=False))
 
     def info(self, kind: str, name: str) -> Piece:
         return self._pieces(kind, name)[0]
 
-    def _pieces(self, kind, name) -> List[Piece]:
-        pieces = self.pieces.get((kind, name))
-        if not pieces:
+    def _pieces(self, kind, name, required: bool = True) -> List[Piece]:
+        if kind != MODEL or (kind, name) not in self._all:  # optimizer state: read its indexes now
+            self._load_deferred()
+        pieces = self._all.get((kind, name))
+        if required and not pieces:
             raise CheckpointError(f"{self.directory}: no {kind} tensor {name!r}; is it a checkpoint of another model?")
         return pieces
 
     def _read(self, piece: Piece, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
-        """Values [lo, hi) of the piece (all by default); a part is read through a lazy slice,
-        so only its bytes leave the file."""
+        """Values [lo, hi) of the piece (all by default) through a lazy slice: only its bytes leave
+        the file, after the first open verified the whole file. Non-finite values are refused."""
         handle = self._handles.get(piece.file)
         if handle is None:
+            self.files.verify(piece.file)
             handle = safe_open(os.path.join(self.directory, piece.file), framework="pt")
             self._handles[piece.file] = handle
-        if lo == 0 and hi in (None, piece.end - piece.start):
-            return handle.get_tensor(piece.key)
-        return handle.get_slice(piece.key)[lo:hi]
+        whole = lo == 0 and hi in (None, piece.end - piece.start)
+        values = handle.get_tensor(piece.key) if whole else handle.get_slice(piece.key)[lo:hi]
+        error = nonfinite_message(os.path.join(self.directory, piece.file), piece.kind, piece.name, values)
+        if error:
+            raise CheckpointError(error)
+        return values
 
     def release(self) -> None:
         """Drop the open part files. Each stays memory-mapped while its handle lives, so the pages

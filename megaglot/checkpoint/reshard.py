@@ -14,6 +14,10 @@ No process groups and no model is built (shapes come from a meta-device model). 
 - metadata.json: the source's (iteration, consumed samples, scheduler, loss scaler, optimizer step, tokenizer,
   ...) with the new `parallel` section and a `resharded_from` record. RNG states belong to ranks of one layout:
   copied when the layout is unchanged, dropped otherwise (the loader then warns that dropout masks will differ).
+  The source's `tokenizer.json` is copied along, so the target is as self-contained as the source;
+- every part file's checksum in its index, taken as it is streamed. The source's files are checked against
+  theirs as they are read, and `verify` reads both checkpoints' files whole against their checksums before
+  comparing their tensors.
 
 Memory stays near one full tensor: each part file's header is planned up front from the source's index (names,
 shapes, dtypes), then every full tensor is assembled once, its TP shards (or DP ranges) streamed into the open
@@ -39,10 +43,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from megaglot.checkpoint.check import check_checkpoint
-from megaglot.checkpoint.format import (MODEL, OPTIMIZER_KINDS, CheckpointError, CheckpointReader, layout_record,
-                                        model_config_of, model_part_name, optimizer_part_name, publish, read_layout,
-                                        resolve, staging_dir, write_metadata)
+from megaglot.checkpoint.check import check_checkpoint, verify_checksums
+from megaglot.checkpoint.format import (MODEL, OPTIMIZER_KINDS, TOKENIZER_FILE, CheckpointError, CheckpointReader,
+                                        layout_record, model_config_of, model_part_name, optimizer_part_name, publish,
+                                        read_layout, resolve, staging_dir, write_metadata)
 from megaglot.checkpoint.sharding import shard
 from megaglot.checkpoint.streaming import StreamingPart, numel, parameter_specs, stage_names
 from megaglot.config import ConfigError, ModelConfig, ParallelConfig
@@ -178,7 +182,7 @@ def plan_reshard(load: str, save: str, tp: int, pp: int, layers_per_virtual_stag
         raise ConfigError(f"--target-data-parallel-size must be positive, got {dp}")
     vp = cfg.num_layers // (pp * layers_per_virtual_stage) if layers_per_virtual_stage else 1
     _check_save_path(save, load, source_dir)
-    dtypes = check_checkpoint(reader, cfg)
+    dtypes = check_checkpoint(reader, cfg, kinds=None)  # every kind: all of them are copied
     specs = parameter_specs(cfg)
     kinds = [MODEL] + [k for k in OPTIMIZER_KINDS if (k, next(iter(specs))) in dtypes]
     distributed = bool((meta.get("optimizer") or {}).get("distributed"))
@@ -255,6 +259,9 @@ def write_reshard(plan: ReshardPlan, log: Optional[Callable[[str], None]] = None
         elif os.path.isdir(rng_src):
             log("RNG states dropped: they belong to the ranks of the source layout (loading warns; dropout "
                 "masks will differ from an uninterrupted run)")
+        tokenizer = os.path.join(plan.reader.directory, TOKENIZER_FILE)
+        if os.path.isfile(tokenizer):
+            shutil.copyfile(tokenizer, os.path.join(staged, TOKENIZER_FILE))
         write_metadata(staged, **plan.metadata)
     except BaseException:
         bar.close()
@@ -280,15 +287,18 @@ def reshard(load: str, save: str, tp: int, pp: int, layers_per_virtual_stage: Op
     log(f"wrote {final} in {time.time() - start_time:.1f}s")
     if verify:
         n = verify_same(plan.reader.directory, final)
-        log(f"verified: {n} tensors bit-identical ({time.time() - start_time:.1f}s)")
+        log(f"verified: every checksum matches, {n} tensors bit-identical ({time.time() - start_time:.1f}s)")
     return final
 
 
 def verify_same(a: str, b: str) -> int:
-    """Compare every gathered full tensor (every kind) of checkpoints `a` and `b` bit for bit, and
-    their iteration, consumed samples, model, scheduler, scaler and optimizer metadata. Returns
-    the number of tensors compared; raises CheckpointError at the first difference."""
+    """Check every part file of checkpoints `a` and `b` against its recorded checksum, then compare
+    every gathered full tensor (every kind) bit for bit, and their iteration, consumed samples,
+    model, scheduler, scaler and optimizer metadata. Returns the number of tensors compared;
+    raises CheckpointError at the first difference or corrupt file."""
     ra, rb = CheckpointReader(resolve(a)), CheckpointReader(resolve(b))
+    verify_checksums(ra)
+    verify_checksums(rb)
     for key in ("iteration", "consumed_samples", "model", "scheduler", "grad_scaler", "optimizer"):
         if ra.metadata.get(key) != rb.metadata.get(key):
             raise CheckpointError(f"verify: metadata {key!r} differs: {ra.metadata.get(key)!r} in {ra.directory}, "

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megaglot.checkpoint.format import write_json
+from megaglot.checkpoint.integrity import RunningChecksum
 from megaglot.config import ModelConfig
 
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -75,9 +76,13 @@ class StreamingSafetensors:
     shape). `safetensors.save_file` needs every tensor in memory at once; planning the header
     up front from shapes alone lets a file of any size be written holding one tensor. The
     result is an ordinary safetensors file (safe_open, transformers). Each tensor keeps the
-    dtype it is planned with, so a float16 source stays float16 bit for bit."""
+    dtype it is planned with, so a float16 source stays float16 bit for bit. With `checksum`, the
+    file's checksum (`integrity`) is taken from the bytes as they are written (`self.checksum`).
+    Tensors are written in the order given: list wider dtypes first (as `format.PieceWriter`
+    does) to keep every tensor aligned to its element size."""
 
-    def __init__(self, path: str, entries: List[Tuple[str, torch.dtype, Tuple[int, ...]]], metadata=None):
+    def __init__(self, path: str, entries: List[Tuple[str, torch.dtype, Tuple[int, ...]]], metadata=None,
+                 checksum: bool = False, fsync: bool = True):
         self.path, self.entries = path, entries
         header, offset = {}, 0
         for key, dtype, shape in entries:
@@ -87,9 +92,16 @@ class StreamingSafetensors:
         header["__metadata__"] = dict(metadata or {"format": "pt"})
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
+        self.checksum = RunningChecksum() if checksum else None
+        self.fsync = fsync
         self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._emit(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
+
+    def _emit(self, data) -> None:
+        self._f.write(data)
+        if self.checksum is not None:
+            self.checksum.update(data)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         want_key, dtype, shape = self.entries[self._next]
@@ -97,14 +109,15 @@ class StreamingSafetensors:
             raise RuntimeError(f"{self.path}: got {key} {tuple(tensor.shape)} {tensor.dtype}, planned "
                                f"{want_key} {tuple(shape)} {dtype}")
         flat = tensor.detach().reshape(-1).contiguous()
-        self._f.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._emit(memoryview(flat.view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self.entries):
             raise RuntimeError(f"{self.path}: {self._next} of {len(self.entries)} planned tensors written")
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if self.fsync:
+            os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:
@@ -115,7 +128,8 @@ class StreamingSafetensors:
 class StreamingPart:
     """`<part>.safetensors` + `<part>.index.json` exactly as `format.PieceWriter` writes them (same
     keys, same index entries), but streamed: `PieceWriter` collects a rank's pieces in memory,
-    which offline means a whole TP/PP shard of the model (and its optimizer state).
+    which offline means a whole TP/PP shard of the model (and its optimizer state). The index
+    records the file's checksum, taken as it is streamed.
 
     `plan`: dicts with kind, name, global_shape, partition_dim, tp_size, tp_rank, start, end and
     dtype, written in this order. start/end are a flat range of the TP shard (0 and its size for
@@ -128,7 +142,8 @@ class StreamingPart:
         for e in plan:
             e["key"] = f"{e['kind']}/{e['name']}/tp{e['tp_rank']}/{e['start']}"
         os.makedirs(directory, exist_ok=True)
-        self._st = StreamingSafetensors(self.path, [(e["key"], e["dtype"], (e["end"] - e["start"],)) for e in plan])
+        self._st = StreamingSafetensors(self.path, [(e["key"], e["dtype"], (e["end"] - e["start"],)) for e in plan],
+                                        checksum=True)
         self._next = 0
 
     def next_entry(self) -> Optional[dict]:
@@ -150,7 +165,8 @@ class StreamingPart:
         index = [dict(kind=e["kind"], name=e["name"], global_shape=list(e["global_shape"]),
                       partition_dim=e["partition_dim"], tp_size=e["tp_size"], tp_rank=e["tp_rank"], start=e["start"],
                       end=e["end"], key=e["key"], file=self.file) for e in self.plan]
-        write_json(os.path.join(self.directory, f"{self.part}.index.json"), {"pieces": index})
+        write_json(os.path.join(self.directory, f"{self.part}.index.json"),
+                   {"pieces": index, "checksum": self._st.checksum.record()})
 
     def abort(self) -> None:
         self._st.abort()

@@ -92,6 +92,10 @@ class DataConfig:
     """Where sample indices are cached; None = beside the data."""
     eod_mask_loss: bool = False
     """Zero the loss where the input token is the end-of-document token."""
+    sft_data: Optional[str] = None
+    """Instruction data prefix from tools/preprocess_sft.py (instead of --data-path): loss on response tokens only."""
+    pack_sequences: bool = False
+    """With --sft-data: pack several samples per sequence, positions and attention reset at each sample."""
 
 
 @dataclass
@@ -189,8 +193,16 @@ class TrainConfig:
             raise ConfigError(f"--max-skipped-steps must be >= 0 (0: never stop), got {self.max_skipped_steps}")
         if self.checkpoint.save_retain is not None and self.checkpoint.save_retain <= 0:
             raise ConfigError(f"--save-retain must be positive (none keeps all), got {self.checkpoint.save_retain}")
-        if self.checkpoint.finetune and self.checkpoint.no_load_optim:
+        if self.data.sft_data and self.data.data_path:
+            raise ConfigError("--sft-data and --data-path are exclusive: fine-tune on one or pretrain on the other")
+        if self.data.pack_sequences and not self.data.sft_data:
+            raise ConfigError("--pack-sequences packs instruction samples: it needs --sft-data")
+        ckpt = self.checkpoint
+        if ckpt.finetune and ckpt.no_load_optim:
             raise ConfigError("--finetune already starts a fresh optimizer at iteration 0; drop --no-load-optim")
+        for flag, on in (("--finetune", ckpt.finetune), ("--no-load-optim", ckpt.no_load_optim)):
+            if on and not ckpt.load:
+                raise ConfigError(f"{flag} needs --load CHECKPOINT (the weights to start from)")
         if not self.distributed_timeout_minutes > 0:
             raise ConfigError(f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
         if self.recompute_granularity not in (None, *RECOMPUTE_GRANULARITIES):

@@ -11,12 +11,17 @@ training job that fails an hour in on a half-copied shard should say which shard
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
 import struct
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
+
+from megaglot.kernels import load_extension
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -263,3 +268,84 @@ class IndexedDataset:
     @staticmethod
     def exists(prefix: str) -> bool:
         return os.path.exists(index_file_path(prefix)) and os.path.exists(data_file_path(prefix))
+
+
+# ---- the largest token id (the trainer's check against the model's vocabulary) --------------------
+
+MAX_ID_CACHE_VERSION = 1
+
+
+def max_token_id_reference(tokens: np.ndarray, chunk: int = 1 << 24) -> Optional[Union[int, float]]:
+    """Numpy twin of the C++ `max_token_id`: chunked, so a memmap is never read into memory whole."""
+    best = None
+    for start in range(0, len(tokens), chunk):
+        value = tokens[start:start + chunk].max()
+        best = value if best is None or value > best or value != value else best
+    if best is None:
+        return None
+    return float(best) if np.dtype(tokens.dtype).kind == "f" else int(best)
+
+
+def scan_max_token_id(prefix: str) -> Optional[Union[int, float]]:
+    """Largest token id in `{prefix}.bin` (None when it holds no tokens): one pass, in C++ when built.
+
+    The pair is opened (and so validated) first: a truncated `.bin` is named, never half-scanned.
+    """
+    tokens = IndexedDataset(prefix)._bin
+    if tokens.size == 0:
+        return None
+    ext = load_extension()
+    if ext is not None and hasattr(ext, "max_token_id"):
+        return ext.max_token_id(np.asarray(tokens))
+    return max_token_id_reference(tokens)
+
+
+def _bin_identity(prefix: str) -> dict:
+    """What a cached scan is valid for: the .bin's path, size and mtime (a rewritten file changes them)."""
+    path = os.path.abspath(data_file_path(prefix))
+    stat = os.stat(path)
+    return {"version": MAX_ID_CACHE_VERSION, "bin": path, "bin_bytes": stat.st_size,
+            "bin_mtime_ns": stat.st_mtime_ns}
+
+
+def max_token_id_cache_path(prefix: str, cache_dir: Optional[str] = None) -> str:
+    """`{cache_dir}/{name}-{hash of the .bin path}-max_token_id.json`; cache_dir defaults to `cache/`
+    beside the dataset, like the GPT sample-index cache."""
+    directory = cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache")
+    key = hashlib.sha256(os.path.abspath(data_file_path(prefix)).encode()).hexdigest()[:12]
+    return os.path.join(directory, f"{os.path.basename(prefix)}-{key}-max_token_id.json")
+
+
+def cached_max_token_id(prefix: str, cache_dir: Optional[str] = None) -> Optional[Union[int, float]]:
+    """The scan's result from the cache while the .bin is unchanged; else scan and cache it.
+
+    Run it on one rank (the trainer's rank 0): a large file is scanned once, not once per rank. The
+    cache is written atomically and skipped, never an error, where the directory is not writable.
+    """
+    if not os.path.exists(data_file_path(prefix)):
+        IndexedDataset(prefix)  # raises the one-line error naming the missing file
+    identity = _bin_identity(prefix)
+    path = max_token_id_cache_path(prefix, cache_dir)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if isinstance(cached, dict) and {k: cached.get(k) for k in identity} == identity:
+            return cached.get("max_token_id")
+    except (OSError, ValueError):
+        pass
+    value = scan_max_token_id(prefix)
+    if _bin_identity(prefix) == identity:  # not rewritten while it was scanned
+        _write_json_atomic(path, {**identity, "max_token_id": value})
+    return value
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+        os.replace(temporary, path)
+    except OSError:  # a read-only data directory: the scan still counts, it is just not kept
+        with contextlib.suppress(OSError):
+            os.remove(temporary)

@@ -11,7 +11,7 @@ import gzip
 import json
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from megaglot.data.pii import KINDS
 
@@ -34,11 +34,36 @@ class _Stats:
     masks: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     skipped: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     skipped_lines: dict = field(default_factory=lambda: {r: [] for r in SKIP_REASONS})
+    lines: int = 0
+    """Non-blank input lines read."""
+    key_tokens: dict = field(default_factory=dict)
+    """{key: tokens written for it} (each key is its own dataset)."""
+    missing_keys: dict = field(default_factory=dict)
+    """{--json-keys key: lines whose record lacks it as a string}."""
+    first_record_keys: Optional[list] = None
+    """The keys of the first record that lacked one: what --json-keys probably should have named."""
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
         if len(self.skipped_lines[reason]) < MAX_REPORTED_LINES:
             self.skipped_lines[reason].append(where)
+
+
+def no_documents_message(stats: _Stats, files: list[str]) -> str:
+    """Why a run wrote nothing, in one line: a run that writes no document is a failed run."""
+    if stats.lines == 0:
+        more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+        return f"no documents written: the input ({files[0]}{more}) holds no text (0 non-blank lines read)"
+    skipped = sum(stats.skipped.values())
+    reasons = [f"key {key!r} missing in {n}" for key, n in stats.missing_keys.items() if n]
+    reasons += [f"{reason.replace('_', ' ')} {n}" for reason, n in stats.skipped.items()
+                if n and reason != "missing_key"]
+    message = f"no documents written: {stats.lines} lines read, {skipped} skipped ({', '.join(reasons)})"
+    if stats.skipped["missing_key"]:
+        message += " - check --json-keys"
+        if stats.first_record_keys is not None:
+            message += f" (the first such record has keys: {', '.join(map(str, stats.first_record_keys)) or 'none'})"
+    return message
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -111,6 +136,7 @@ class _Reader:
             self.stats.bytes_in += len(line)
             if not line.strip():
                 continue
+            self.stats.lines += 1
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -123,12 +149,19 @@ class _Reader:
                 continue
             if not isinstance(record, dict) or any(not isinstance(record.get(k), str) for k in keys):
                 missing = [k for k in keys if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+                self._count_missing(record, missing)
                 self._problem("missing_key", where, f"no string value for key(s) {', '.join(missing)}")
                 continue
             if all(not record[k].strip() for k in keys):
                 self.stats.skip("empty", where)
                 continue
             yield where, {k: record[k] for k in keys}
+
+    def _count_missing(self, record, missing: list[str]) -> None:
+        for key in missing:
+            self.stats.missing_keys[key] = self.stats.missing_keys.get(key, 0) + 1
+        if self.stats.first_record_keys is None:
+            self.stats.first_record_keys = list(record)[:10] if isinstance(record, dict) else []
 
     def _text(self, path: str, stream) -> Iterator[tuple[str, dict]]:
         key = self.cfg.json_keys[0]
@@ -142,7 +175,9 @@ class _Reader:
             self.stats.bytes_in += len(line)
             try:
                 text = line.decode("utf-8").rstrip("\r\n")
+                self.stats.lines += bool(text.strip())
             except UnicodeDecodeError as error:
+                self.stats.lines += 1
                 self._problem("undecodable", f"{path}:{number}", f"not UTF-8 ({error.reason} at byte {error.start})")
                 continue
             if mode == "line":

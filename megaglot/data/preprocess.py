@@ -10,6 +10,7 @@ the end, so an interrupted run never leaves a file that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -21,13 +22,12 @@ from typing import Iterator, Optional, TextIO
 import numpy as np
 
 from megaglot.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
-from megaglot.data.input_reader import PreprocessError, _is_jsonl, _Reader, _Stats, expand_inputs
+from megaglot.data.input_reader import (PreprocessError, _is_jsonl, _Reader, _Stats, expand_inputs,
+                                       no_documents_message)
 from megaglot.data.pii import KINDS, split_pii
-from megaglot.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_summary, train_tokenizer
+from megaglot.data.tokenizer import (Tokenizer, TokenizerExistsError, load_tokenizer, save_new_tokenizer,
+                                    tokenizer_summary, train_tokenizer)
 from megaglot.progress import progress
-
-
-
 
 
 @dataclass
@@ -43,7 +43,7 @@ class PreprocessConfig:
     tokenizer: Optional[str] = None
     """Path of a tokenizer.json (or its directory)."""
     train_tokenizer: bool = False
-    """Train a byte-level BPE on the input first, saved as tokenizer.json beside the output."""
+    """Train a byte-level BPE on the input first, saved as tokenizer.json beside the output (never over a different one)."""
     vocab_size: Optional[int] = None
     """Vocabulary size of the trained tokenizer."""
     append_eod: bool = False
@@ -64,8 +64,6 @@ class PreprocessConfig:
     """Seconds between progress lines when the log stream is not a terminal (a terminal gets a live bar)."""
     quiet: bool = False
     """No progress bar (input bytes read, MB/s, documents, time left)."""
-
-
 
 
 # ---- encoding (runs in worker processes) ---------------------------------------------------------
@@ -117,17 +115,19 @@ def encode_documents(texts: list[str], tokenizer: Tokenizer, pii_ids: Optional[d
     return out, counts
 
 
-def _encode_batch(batch: list[dict]) -> tuple[list[list[np.ndarray]], dict]:
+def _encode_batch(batch: list[dict]) -> tuple[list[list[np.ndarray]], dict, dict]:
+    """(per document, its arrays per key; PII mask counts; {key: largest id in the batch})."""
     w = _WORKER
     keys = list(batch[0].keys()) if batch else []
-    per_key = {}
+    per_key, largest = {}, {}
     total = dict.fromkeys(KINDS, 0)
     for key in keys:
         ids, counts = encode_documents([doc[key] for doc in batch], w["tokenizer"], w["pii"], w["eod"])
         per_key[key] = [np.asarray(x, dtype=w["dtype"]) for x in ids]
+        largest[key] = max((int(a.max()) for a in per_key[key] if a.size), default=None)
         for k in KINDS:
             total[k] += counts[k]
-    return [[per_key[key][i] for key in keys] for i in range(len(batch))], total
+    return [[per_key[key][i] for key in keys] for i in range(len(batch))], total, largest
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -154,21 +154,37 @@ def _resolve_tokenizer(cfg: PreprocessConfig, files: list[str], log: TextIO) -> 
             raise PreprocessError("--train-tokenizer needs --vocab-size N")
         if cfg.tokenizer:
             raise PreprocessError("give either --tokenizer or --train-tokenizer, not both")
-        save = os.path.join(os.path.dirname(os.path.abspath(cfg.output_prefix)), "tokenizer.json")
-        stats = _Stats()
-        reader = _Reader(cfg, stats)
-
-        def texts():
-            for _, doc in reader.documents(files):
-                for text in doc.values():
-                    # train on masked text, so no merges are spent on numbers that will be masked
-                    yield "".join(p if k is None else "" for p, k in split_pii(text)) if cfg.mask_pii else text
-
-        log.write(f"preprocess: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) -> {save}\n")
-        return train_tokenizer(texts(), cfg.vocab_size, save)
+        return _train(cfg, files, log)
     if not cfg.tokenizer:
         raise PreprocessError("no tokenizer: give --tokenizer PATH or --train-tokenizer --vocab-size N")
     return load_tokenizer(cfg.tokenizer)
+
+
+def _train(cfg: PreprocessConfig, files: list[str], log: TextIO) -> Tokenizer:
+    """Train on the input, then save beside the output; nothing is saved when no document was read."""
+    save = os.path.join(os.path.dirname(os.path.abspath(cfg.output_prefix)), "tokenizer.json")
+    stats = _Stats()
+    reader = _Reader(cfg, stats)
+
+    def texts():
+        for _, doc in reader.documents(files):
+            stats.documents += 1
+            for text in doc.values():
+                # train on masked text, so no merges are spent on numbers that will be masked
+                yield "".join(p if k is None else "" for p, k in split_pii(text)) if cfg.mask_pii else text
+
+    log.write(f"preprocess: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) -> {save}\n")
+    trained = train_tokenizer(texts(), cfg.vocab_size)
+    if stats.documents == 0:
+        raise PreprocessError(no_documents_message(stats, files))
+    if trained.vocab_size < cfg.vocab_size:
+        log.write(f"preprocess: tokenizer: learned {trained.vocab_size} tokens, fewer than --vocab-size "
+                  f"{cfg.vocab_size} (the corpus is small)\n")
+    try:
+        return save_new_tokenizer(trained, save)
+    except TokenizerExistsError as error:
+        raise PreprocessError(f"--train-tokenizer: {error}; pass --tokenizer {save} to reuse it, or give an "
+                              f"--output-prefix in another directory") from None
 
 
 def _check_flags(cfg: PreprocessConfig) -> None:
@@ -180,32 +196,92 @@ def _check_flags(cfg: PreprocessConfig) -> None:
         raise PreprocessError("--json-keys: give at least one key")
 
 
+def _prepare_output_dir(cfg: PreprocessConfig) -> Optional[str]:
+    """Create the output directory, or say in one line why it cannot be (a file in the way, no rights);
+    returns the directory if this call created it (a failed run removes it again when empty)."""
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
+    created = None if os.path.isdir(out_dir) else out_dir
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        blocking = out_dir
+        while blocking and not os.path.exists(blocking):
+            blocking = os.path.dirname(blocking)
+        why = f"{blocking} is a file, not a directory" if os.path.isfile(blocking) else error.strerror
+        raise PreprocessError(f"--output-prefix {cfg.output_prefix}: cannot create the directory {out_dir} "
+                              f"({why}); choose a prefix inside a directory") from None
+    if not os.access(out_dir, os.W_OK):
+        raise PreprocessError(f"--output-prefix {cfg.output_prefix}: the directory {out_dir} is not writable")
+    return created
+
+
 def preprocess(cfg: PreprocessConfig, log: TextIO = sys.stderr) -> dict:
-    """Run the whole conversion; returns the sidecar dict (also written as JSON per output)."""
+    """Run the whole conversion; returns the sidecar dict (also written as JSON per output).
+
+    A run that writes no document fails (PreprocessError saying why) and leaves nothing behind;
+    outputs of an earlier run under the same prefix stay until new ones replace them whole.
+    """
     _check_flags(cfg)
     files = expand_inputs(cfg.input)
-    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    created = _prepare_output_dir(cfg)
+    try:
+        return _preprocess(cfg, files, log)
+    except BaseException:
+        if created is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(created)  # only when empty: a directory this failed run made and left nothing in
+        raise
+
+
+def _preprocess(cfg: PreprocessConfig, files: list[str], log: TextIO) -> dict:
+    any_text = any(not _is_jsonl(f) for f in files)
+    if any_text and len(cfg.json_keys) > 1:
+        raise PreprocessError("--json-keys with several keys needs JSONL inputs only")
     tokenizer = _resolve_tokenizer(cfg, files, log)
     if cfg.mask_pii:
         tokenizer.pii_token_ids()  # fail now, naming the tokenizer, not inside a worker
     if cfg.append_eod and tokenizer.eod is None:
         raise PreprocessError(f"--append-eod: tokenizer {tokenizer.path} has no <|endoftext|> token")
     dtype = best_dtype(tokenizer.vocab_size)
-
-    stats = _Stats()
-    reader = _Reader(cfg, stats)
-    prefixes = {key: output_prefix_for(cfg.output_prefix, key) for key in cfg.json_keys}
-    any_text = any(not _is_jsonl(f) for f in files)
     keys = cfg.json_keys if not any_text else cfg.json_keys[:1]
-    if any_text and len(cfg.json_keys) > 1:
-        raise PreprocessError("--json-keys with several keys needs JSONL inputs only")
-    builders = {key: IndexedDatasetBuilder(prefixes[key] + ".bin.tmp", dtype) for key in keys}
+    prefixes = {key: output_prefix_for(cfg.output_prefix, key) for key in keys}
+    stats = _Stats()
+    started = time.perf_counter()
+    largest = _encode_all(cfg, files, tokenizer, dtype, prefixes, stats, log)
+    sidecar = {
+        "documents": stats.documents, "tokens": stats.tokens, "masks": stats.masks if cfg.mask_pii else None,
+        "mask_pii": cfg.mask_pii, "skipped": stats.skipped,
+        "skipped_first_lines": {k: v for k, v in stats.skipped_lines.items() if v},
+        "tokenizer": tokenizer_summary(tokenizer), "lang": cfg.lang, "append_eod": cfg.append_eod,
+        "dtype": str(dtype), "inputs": files, "input_bytes": stats.bytes_in,
+        "seconds": round(time.perf_counter() - started, 3), "workers": cfg.workers,
+    }
+    for key in keys:
+        # tokens and max_token_id are per key: the trainer checks every id is below the model's vocabulary
+        _write_json(prefixes[key] + ".json.tmp", {**sidecar, "json_key": key, "tokens": stats.key_tokens[key],
+                                                   "max_token_id": largest[key]})
+        for suffix in (".bin", ".idx", ".json"):
+            os.replace(prefixes[key] + suffix + ".tmp", prefixes[key] + suffix)
+    _report(sidecar, prefixes, keys, log)
+    return sidecar
+
+
+def _encode_all(cfg: PreprocessConfig, files: list[str], tokenizer: Tokenizer, dtype: np.dtype, prefixes: dict,
+                stats: _Stats, log: TextIO) -> dict:
+    """Encode every document into `{prefix}.bin.tmp/.idx.tmp` per key; {key: largest id}.
+
+    On any failure, and when no document was written, the temporary files are removed."""
+    keys = list(prefixes)
+    reader = _Reader(cfg, stats)
+    builders: dict = {}
+    largest: dict = dict.fromkeys(keys)
+    stats.key_tokens = dict.fromkeys(keys, 0)
     bar = progress(sum(os.path.getsize(f) for f in files), "preprocess", unit="B", unit_scale=True,
                    quiet=cfg.quiet, stream=log, interval=cfg.log_interval)
-    started = time.perf_counter()
     pool = None
     try:
+        for key in keys:
+            builders[key] = IndexedDatasetBuilder(prefixes[key] + ".bin.tmp", dtype)
         batches = _batches(reader.documents(files), cfg.batch_size)
         if cfg.workers == 1:
             _init_worker(None, tokenizer, cfg.mask_pii, cfg.append_eod, dtype.str)
@@ -216,21 +292,20 @@ def preprocess(cfg: PreprocessConfig, log: TextIO = sys.stderr) -> dict:
             pool = context.Pool(cfg.workers, initializer=_init_worker,
                                 initargs=(tokenizer.path, None, cfg.mask_pii, cfg.append_eod, dtype.str))
             results = pool.imap(_encode_batch, batches, chunksize=1)
-        for docs, counts in results:
-            for arrays in docs:
-                for key, array in zip(keys, arrays):
-                    builders[key].add_document(array)
-                    stats.tokens += int(array.size)
-            stats.documents += len(docs)
-            for kind in KINDS:
-                stats.masks[kind] += counts[kind]
+        for docs, counts, batch_largest in results:
+            _add_batch(builders, keys, docs, counts, stats)
+            for key, value in batch_largest.items():
+                if value is not None and (largest[key] is None or value > largest[key]):
+                    largest[key] = value
             bar.set_postfix_str(f"{stats.documents} docs", refresh=False)
             bar.update(max(reader.progress_bytes() - bar.n, 0))
+        if stats.documents == 0:
+            raise PreprocessError(no_documents_message(stats, files))
         for key in keys:
             builders[key].finalize(prefixes[key] + ".idx.tmp")
     except BaseException:
-        for key in keys:
-            builders[key].close()
+        for key, builder in builders.items():
+            builder.close()
             for suffix in (".bin.tmp", ".idx.tmp"):
                 if os.path.exists(prefixes[key] + suffix):
                     os.remove(prefixes[key] + suffix)
@@ -240,29 +315,24 @@ def preprocess(cfg: PreprocessConfig, log: TextIO = sys.stderr) -> dict:
             pool.terminate()
             pool.join()
         bar.close()
-    seconds = time.perf_counter() - started
+    return largest
 
-    sidecar = {
-        "documents": stats.documents, "tokens": stats.tokens, "masks": stats.masks if cfg.mask_pii else None,
-        "mask_pii": cfg.mask_pii, "skipped": stats.skipped,
-        "skipped_first_lines": {k: v for k, v in stats.skipped_lines.items() if v},
-        "tokenizer": tokenizer_summary(tokenizer), "lang": cfg.lang, "append_eod": cfg.append_eod,
-        "dtype": str(dtype), "inputs": files, "input_bytes": stats.bytes_in, "seconds": round(seconds, 3),
-        "workers": cfg.workers,
-    }
-    for key in keys:
-        os.replace(prefixes[key] + ".bin.tmp", prefixes[key] + ".bin")
-        os.replace(prefixes[key] + ".idx.tmp", prefixes[key] + ".idx")
-        _write_json(prefixes[key] + ".json", {**sidecar, "json_key": key})
-    _report(sidecar, prefixes, keys, log)
-    return sidecar
+
+def _add_batch(builders: dict, keys: list, docs: list, counts: dict, stats: _Stats) -> None:
+    for arrays in docs:
+        for key, array in zip(keys, arrays):
+            builders[key].add_document(array)
+            stats.tokens += int(array.size)
+            stats.key_tokens[key] += int(array.size)
+    stats.documents += len(docs)
+    for kind in KINDS:
+        stats.masks[kind] += counts[kind]
 
 
 def _write_json(path: str, data: dict) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, ensure_ascii=False, indent=2)
         f.write("\n")
-    os.replace(path + ".tmp", path)
 
 
 def _report(sidecar: dict, prefixes: dict, keys: list[str], log: TextIO) -> None:

@@ -12,6 +12,7 @@ the model whichever tokenizer prepared the data.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -24,6 +25,10 @@ EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded or lacks a token the job needs; the message names the file."""
+
+
+class TokenizerExistsError(TokenizerError):
+    """A different tokenizer already has the path a new one would be saved as."""
 
 
 class Tokenizer:
@@ -114,6 +119,43 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, save_path: Optional[s
     return Tokenizer(backend, save_path)
 
 
+def save_new_tokenizer(trained: Tokenizer, path: str) -> Tokenizer:
+    """Save a trained tokenizer as `path`, never replacing a different one there (another dataset of
+    the directory may have been tokenized with it); the same content (a rerun) is reused as it is."""
+    if os.path.exists(path):
+        _refuse_if_different(path, trained)
+        return load_tokenizer(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    trained.backend.save(temporary)
+    try:
+        os.link(temporary, path)  # atomic and never replaces: a file a concurrent run just wrote stays
+    except FileExistsError:
+        _refuse_if_different(path, trained)
+        return load_tokenizer(path)
+    except OSError:  # a filesystem without hard links
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return Tokenizer(trained.backend, path)
+
+
+def _refuse_if_different(path: str, trained: Tokenizer) -> None:
+    new = trained.backend.to_str(pretty=True)
+    with open(path, "rb") as f:
+        old = f.read()
+    if old == new.encode("utf-8"):
+        return
+    try:
+        if json.loads(old) == json.loads(new):
+            return
+    except ValueError:
+        pass
+    raise TokenizerExistsError(f"{path} already exists and holds a different tokenizer (another dataset in that "
+                               f"directory may use it); not overwriting it")
+
+
 def tokenizer_summary(tokenizer: Tokenizer) -> dict:
     """What a sidecar records about the tokenizer."""
     special = {t: tokenizer.token_to_id(t) for t in LEADING_SPECIAL_TOKENS + PII_SPECIAL_TOKENS + ("<|tell|>",)}
@@ -121,4 +163,5 @@ def tokenizer_summary(tokenizer: Tokenizer) -> dict:
             "eod": tokenizer.eod, "special_tokens": {k: v for k, v in special.items() if v is not None}}
 
 
-__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "train_tokenizer", "tokenizer_summary"]
+__all__ = ["Tokenizer", "TokenizerError", "TokenizerExistsError", "load_tokenizer", "train_tokenizer",
+           "save_new_tokenizer", "tokenizer_summary"]

@@ -29,6 +29,8 @@ class InferenceModel:
     dtype: torch.dtype
     tokenizer_path: Optional[str]
     source: str
+    tokenizer_recorded: Optional[str] = None
+    """The tokenizer metadata.json names (for the error when it cannot be found)."""
 
 
 def init_parallel(tp: int = 1, pp: int = 1, vp: Optional[int] = None) -> None:
@@ -49,18 +51,6 @@ def init_parallel(tp: int = 1, pp: int = 1, vp: Optional[int] = None) -> None:
     state.initialize(tp, pp, vp)
 
 
-def _tokenizer_from_metadata(meta: dict, directory: str) -> Optional[str]:
-    tok = meta.get("tokenizer")
-    if isinstance(tok, dict):
-        tok = tok.get("path")
-    candidates = [tok] if isinstance(tok, str) and tok else []
-    candidates += [os.path.join(directory, "tokenizer.json"), os.path.join(os.path.dirname(directory), "tokenizer.json")]
-    for path in candidates:
-        if os.path.isfile(path) or (os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))):
-            return path
-    return None
-
-
 def _read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
@@ -79,6 +69,7 @@ def load_inference_model(load: Optional[str] = None, hf_dir: Optional[str] = Non
     of `load` (checkpoint root or iteration directory) or `hf_dir` (read tensor by tensor through
     the converter's reader). Chunks are in eval mode."""
     from megaglot.checkpoint.format import CheckpointError, CheckpointReader, resolve
+    from megaglot.checkpoint.hf import recorded_tokenizer
 
     if (load is None) == (hf_dir is None):
         raise EvalError("give exactly one of --load CKPT or --hf-dir DIR")
@@ -95,7 +86,9 @@ def load_inference_model(load: Optional[str] = None, hf_dir: Optional[str] = Non
             if not isinstance(model, dict):
                 raise EvalError(f"{directory}/metadata.json: no model config")
             cfg = ModelConfig.from_dict(dict(model, hidden_dropout=0.0, attention_dropout=0.0, **overrides))
-            tok = tokenizer or _tokenizer_from_metadata(reader.metadata, directory)
+            # the checkpoint's own copy (relative record: found after a move) or an older run's path
+            found, recorded = recorded_tokenizer(reader.metadata, directory)
+            tok = tokenizer or found
             chunks = _build(cfg, dtype, device)
             from megaglot.checkpoint.model_state import load_model
 
@@ -124,12 +117,13 @@ def load_inference_model(load: Optional[str] = None, hf_dir: Optional[str] = Non
             load_full_tensors(chunks, fetch)
             weights.close()
             tok = tokenizer or (hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None)
+            recorded = None
             source = hf_dir
     except (CheckpointError, ConfigError) as e:
         raise EvalError(str(e)) from None
     for c in chunks:
         c.eval()
-    return InferenceModel(chunks, cfg, device, dtype, tok, source)
+    return InferenceModel(chunks, cfg, device, dtype, tok, source, recorded)
 
 
 def _build(cfg: ModelConfig, dtype, device) -> List:
@@ -146,10 +140,13 @@ def _build(cfg: ModelConfig, dtype, device) -> List:
 
 
 def load_tokenizer_for(model: InferenceModel, flag: str = "--tokenizer"):
+    """The model's tokenizer, checked against its vocabulary; a missing one names what the
+    checkpoint records (nothing, or a path that no longer exists) and the flag to pass."""
+    from megaglot.checkpoint.hf import missing_tokenizer_message
     from megaglot.data.tokenizer import TokenizerError, load_tokenizer
 
     if model.tokenizer_path is None:
-        raise EvalError(f"{model.source}: the checkpoint records no tokenizer; pass {flag} PATH (tokenizer.json)")
+        raise EvalError(missing_tokenizer_message(model.source, model.tokenizer_recorded, flag))
     try:
         tok = load_tokenizer(model.tokenizer_path)
     except TokenizerError as e:

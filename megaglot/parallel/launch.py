@@ -1,4 +1,5 @@
-"""Start torch.distributed from torchrun's environment (NCCL on CUDA, gloo on CPU), and tear it down.
+"""Start torch.distributed from torchrun's environment (NCCL on CUDA, gloo on CPU), tear it down, and
+leave a failing worker's one-line error where torchrun's failure summary reads it (`record_error`).
 
 A process started without torchrun's variables (RANK, WORLD_SIZE, ...) is a world of one, so
 `python examples/pretrain_ko.py` works on its own. A process started that way by a multi-task
@@ -7,8 +8,10 @@ launcher (`srun`, `mpirun`) is refused: every task would silently train alone as
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import Mapping
 
@@ -80,4 +83,23 @@ def shutdown() -> None:
     sys.stdout.flush()
 
 
-__all__ = ["init_distributed", "shutdown", "local_device", "check_launcher", "LAUNCHER_SIZE_VARIABLES"]
+def record_error(message: str, callstack: str = "") -> None:
+    """Write this worker's failure into torchrun's elastic error file (TORCHELASTIC_ERROR_FILE, one
+    per worker; nothing without torchrun), so that the ChildFailedError summary torchrun prints
+    shows `message` for this rank (the first failure's as its root cause) instead of
+    "To enable traceback see ...". The layout is torch's ErrorHandler.record_exception's; torchrun
+    shows py_callstack, so a known error passes no callstack and reads as its one line."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message,
+                        "extraInfo": {"py_callstack": callstack or message, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:  # the summary then says <N/A>; the error itself is on stderr already
+        pass
+
+
+__all__ = ["init_distributed", "shutdown", "local_device", "check_launcher", "record_error",
+           "LAUNCHER_SIZE_VARIABLES"]
