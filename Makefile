@@ -61,4 +61,12 @@ clean:
 
 # The embedded default: a tiny GPT-NeoX at TP=2 x PP=2 on 4 CPU processes over the bundled Korean corpus.
 demo: setup
+	@if [ -e checkpoints/demo ]; then echo "make demo: starting over (removing the previous demo's checkpoints/demo and runs/demo)"; fi
+	@rm -rf checkpoints/demo runs/demo
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 4 examples/pretrain_ko.py
+
+# Instruction tuning on CPU: fine-tunes the demo's checkpoint (made first when absent) on the bundled Korean
+# questions (examples/data/ko_instruct.jsonl) at TP=2 x PP=2 and answers a held-out one.
+.PHONY: sft-demo
+sft-demo: setup
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 4 examples/finetune_ko.py

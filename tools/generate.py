@@ -5,11 +5,16 @@
     python tools/generate.py --load ckpt/run --prompt "옛날 옛적에" --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
     torchrun --nproc_per_node 2 tools/generate.py --load ckpt/run --tensor-model-parallel-size 2 --prompt "..."
     python tools/generate.py --load ckpt/run          # interactive: one prompt per line, empty line or EOF quits
+    python tools/generate.py --load ckpt/sft --template koalpaca --greedy --prompt "한국의 수도는 어디인가요?"
 
 Stops at <|endoftext|> (the tokenizer's id; 2 for Polyglot-Ko) or after --max-new-tokens. The
-tokenizer is the one the checkpoint records, or --tokenizer. Tensor parallel only: the checkpoint
+tokenizer is the checkpoint's own copy (found also after the checkpoint was moved), the path an
+older checkpoint records, or --tokenizer. Tensor parallel only: the checkpoint
 loads at any layout, generation runs with --pipeline-model-parallel-size 1.
 Without --prompt and with stdin not a terminal, the whole of stdin is the prompt.
+With --template (an instruction-tuned model), each prompt is a question: it is wrapped in the
+template's prompt exactly as tools/preprocess_sft.py rendered the training samples, and only the
+answer is printed.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_inference_arguments(p, src)
     src.add_argument("--hf-dir", help="Hugging Face GPT-NeoX directory")
     p.add_argument("--prompt", help="text to continue (default: interactive, or stdin when it is not a terminal)")
+    p.add_argument("--template", help="treat each prompt as a question for an instruction-tuned model: wrap it in "
+                                      "this template's prompt (koalpaca, chat, or a template file, as for "
+                                      "tools/preprocess_sft.py) and print only the answer")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 means greedy")
@@ -99,6 +107,11 @@ def run(args) -> list:
     from megaglot.training import init_distributed
 
     check_args(args)
+    template = None
+    if args.template is not None:
+        from megaglot.data.sft_templates import load_template
+
+        template = load_template(args.template)  # a bad name or file: one line, before any loading
     device = init_distributed()
     init_parallel(args.tensor_model_parallel_size, 1)
     model = load_inference_model(args.load, args.hf_dir, precision=args.precision,
@@ -107,7 +120,7 @@ def run(args) -> list:
     rank0 = dist.get_rank() == 0
     outputs = []
     for text in _prompts(args, rank0):
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text if template is None else template.render_prompt(text))
         if not ids:
             if tokenizer.eod is None:
                 raise EvalError("an empty prompt and the tokenizer has no <|endoftext|> to start from")
@@ -122,9 +135,11 @@ def run(args) -> list:
         if new and tokenizer.eod is not None and new[-1] == tokenizer.eod:
             new = new[:-1]
         completion = decode_new_tokens(tokenizer, new)  # whole sequence: no U+FFFD for split characters
+        if template is not None:
+            completion = completion.strip()  # the answer alone (the template puts a space before it)
         outputs.append(completion)
         if rank0:
-            print(text + completion, flush=True)
+            print(completion if template is not None else text + completion, flush=True)
     return outputs
 
 

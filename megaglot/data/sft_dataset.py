@@ -47,7 +47,7 @@ def open_sft(prefix: str) -> tuple[IndexedDataset, IndexedDataset]:
     for p in (text_prefix, mask_prefix):
         if not IndexedDataset.exists(p):
             raise DatasetError(f"{p}.bin/.idx not found: --sft-data {prefix} needs both {TEXT_SUFFIX} and "
-                               f"{MASK_SUFFIX} files (write them with tools/preprocess_data.py --sft)")
+                               f"{MASK_SUFFIX} files (write them with tools/preprocess_sft.py)")
     text, mask = IndexedDataset(text_prefix), IndexedDataset(mask_prefix)
     if not (np.array_equal(text.sizes, mask.sizes) and np.array_equal(text.document_indices, mask.document_indices)):
         raise DatasetError(f"{mask_prefix}.idx: document lengths differ from {text_prefix}.idx; the loss mask was "

@@ -14,16 +14,17 @@ from megaglot.data.gpt_dataset import build_train_valid_test_datasets
 from megaglot.data.indexed_dataset import cached_max_token_id, data_file_path
 
 
-def check_data_fits_model(data_path, model_cfg: ModelConfig, tokenizer=None, cache_dir: Optional[str] = None) -> None:
+def check_data_fits_model(data_path, model_cfg: ModelConfig, tokenizer=None, cache_dir: Optional[str] = None,
+                          flag: str = "--data-path") -> None:
     """Token ids at or past the model's vocabulary are embedded as zeros at TP > 1 (silently) and
     raise a bare IndexError at TP = 1: refuse such data before any training, naming the dataset.
 
     The largest id comes from the preprocessing sidecar, else from one scan of the .bin (cached).
     Collective when torch.distributed is up: rank 0 checks (a large file is scanned once, not once
-    per rank) and every rank raises the same error.
+    per rank) and every rank raises the same error. `flag`: how errors name the data (--sft-data).
     """
     prefixes, _ = parse_data_paths(data_path)
-    _on_rank0(lambda: [_check_one(prefix, model_cfg, tokenizer, cache_dir) for prefix in prefixes])
+    _on_rank0(lambda: [_check_one(prefix, model_cfg, tokenizer, cache_dir, flag) for prefix in prefixes])
 
 
 def _on_rank0(check: Callable[[], object]) -> None:
@@ -45,19 +46,19 @@ def _on_rank0(check: Callable[[], object]) -> None:
         raise ConfigError(verdict[0])
 
 
-def _check_one(prefix: str, model_cfg: ModelConfig, tokenizer, cache_dir: Optional[str]) -> None:
+def _check_one(prefix: str, model_cfg: ModelConfig, tokenizer, cache_dir: Optional[str], flag: str) -> None:
     sidecar = read_sidecar(prefix)
     recorded = sidecar.get("tokenizer") or {}
     largest, source = largest_token_id(prefix, sidecar, cache_dir)
     if largest is not None and largest >= model_cfg.vocab_size:
         vocab = recorded.get("vocab_size")
         made = f" - it was tokenized with a {vocab}-token vocabulary ({recorded.get('path')})" if vocab else ""
-        raise ConfigError(f"--data-path {prefix}: token id {largest} ({source}) is not below the model's "
+        raise ConfigError(f"{flag} {prefix}: token id {largest} ({source}) is not below the model's "
                           f"vocabulary of {model_cfg.vocab_size}{made}; set --vocab-size {int(largest) + 1} or more "
                           f"(or a --model whose vocabulary covers the data), or preprocess the data again with "
                           f"the model's tokenizer")
     if tokenizer is not None and recorded.get("sha256") and recorded["sha256"] != tokenizer.sha256:
-        raise ConfigError(tokenizer_mismatch(prefix, recorded, tokenizer))
+        raise ConfigError(tokenizer_mismatch(prefix, recorded, tokenizer, flag))
 
 
 def largest_token_id(prefix: str, sidecar: dict, cache_dir: Optional[str] = None):
@@ -73,16 +74,16 @@ def largest_token_id(prefix: str, sidecar: dict, cache_dir: Optional[str] = None
     return cached_max_token_id(prefix, cache_dir), f"found by scanning {data_file_path(prefix)}"
 
 
-def tokenizer_mismatch(prefix: str, recorded: dict, tokenizer) -> str:
+def tokenizer_mismatch(prefix: str, recorded: dict, tokenizer, flag: str = "--data-path") -> str:
     """What differs between the tokenizer the sidecar records and --tokenizer, each path named once."""
     then = f"sha256 {recorded['sha256'][:12]}, {recorded.get('vocab_size', '?')} tokens"
     now = f"sha256 {tokenizer.sha256[:12]}, {tokenizer.vocab_size} tokens"
     was = recorded.get("path")
     if was and tokenizer.path and os.path.realpath(was) == os.path.realpath(tokenizer.path):
-        return (f"--data-path {prefix} was tokenized with {was} as it was then ({then}) but that file now holds "
+        return (f"{flag} {prefix} was tokenized with {was} as it was then ({then}) but that file now holds "
                 f"another tokenizer ({now}): it was overwritten since; preprocess the data again with it, or "
                 f"restore the tokenizer the data was made with")
-    return (f"--data-path {prefix} was tokenized with {was or 'an unrecorded tokenizer file'} ({then}), not with "
+    return (f"{flag} {prefix} was tokenized with {was or 'an unrecorded tokenizer file'} ({then}), not with "
             f"--tokenizer {tokenizer.path} ({now}); pass the tokenizer the data was made with, or preprocess the "
             f"data again with --tokenizer {tokenizer.path}")
 
@@ -91,6 +92,10 @@ def build_datasets(run, tokenizer=None):
     """(train, valid, test) from --data-path; built on rank 0 first (it writes the index cache)."""
     cfg = run.train_cfg
     data = cfg.data
+    if data.sft_data:  # instruction tuning: tokens + loss mask, padded or packed
+        from megaglot.training.sft import build_sft_training_datasets
+
+        return build_sft_training_datasets(cfg, run.model_cfg, tokenizer, log=print if dist.get_rank() == 0 else None)
     if not data.data_path:
         raise ConfigError("--data-path is required (prefixes of .bin/.idx files from tools/preprocess_data.py)")
     check_data_fits_model(data.data_path, run.model_cfg, tokenizer, cache_dir=data.data_cache_dir)

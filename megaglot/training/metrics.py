@@ -45,6 +45,16 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(run.train_cfg.logging.tensorboard_dir)
+        # Where the current log window starts (built after --load): SFT runs report response tokens/s.
+        self._mark = (run.optimizer.iteration, run.response_tokens)
+
+    def _response_tokens_per_s(self, iteration: int, seconds_per_iter: float) -> Optional[float]:
+        """Response tokens trained on per second over the window just ended; None outside SFT."""
+        if not self.run.train_cfg.data.sft_data:
+            return None
+        (start, tokens), self._mark = self._mark, (iteration, self.run.response_tokens)
+        seconds = seconds_per_iter * max(iteration - start, 1)
+        return (self.run.response_tokens - tokens) / seconds if seconds > 0 else 0.0
 
     def log_iteration(self, stats: dict, iteration: int, consumed: int, seconds_per_iter: float) -> None:
         """The log line (and scalars) for the window of iterations just ended."""
@@ -56,16 +66,19 @@ class Metrics:
         memory = peak_memory_gb(run.device)
         opt = run.optimizer
         skipped = f"{opt.num_skipped}" + (f" ({opt.skipped_in_a_row} in a row)" if opt.skipped_in_a_row else "")
+        response = self._response_tokens_per_s(iteration, seconds_per_iter)
+        responses = "" if response is None else f"{response:.0f} response tokens/s | "
         log0(f"iter {iteration:6d}/{cfg.train_iters} | samples {consumed:9d} | loss {stats['loss']:.4f} | "
              f"lr {stats['lr']:.3e} | grad norm {stats['grad_norm']:.3f} | loss scale {stats['loss_scale']:.0f} | "
              f"skipped {skipped} | {1000 * seconds_per_iter:.1f} ms/iter | "
-             f"{tokens_per_iter / seconds_per_iter:.0f} tokens/s | {tflops:.3f} TFLOP/s/GPU | MFU {mfu} | "
+             f"{tokens_per_iter / seconds_per_iter:.0f} tokens/s | {responses}{tflops:.3f} TFLOP/s/GPU | MFU {mfu} | "
              f"peak mem {memory:.2f} GB")
+        extra = {} if response is None else {"response_tokens_per_s": response}
         self._scalars(iteration, {**{key: stats[key] for key in ("loss", "lr", "grad_norm", "loss_scale")},
                                   "ms_per_iter": 1000 * seconds_per_iter,
                                   "tokens_per_s": tokens_per_iter / seconds_per_iter, "tflops_per_gpu": tflops,
                                   "skipped_steps": run.optimizer.num_skipped, "consumed_samples": consumed,
-                                  "peak_memory_gb": memory}, "train")
+                                  "peak_memory_gb": memory, **extra}, "train")
 
     def log_validation(self, loss: float, iteration: int) -> None:
         ppl = math.exp(min(loss, 50))

@@ -25,6 +25,7 @@ from megaglot.optim.schedule import LRSchedule
 from megaglot.parallel import state
 from megaglot.parallel.random import model_parallel_seed
 from megaglot.pipeline.schedules import forward_backward
+from megaglot.training.sft import response_tokens, weighted_loss_sum
 
 
 class TrainingDiverged(ValueError):
@@ -45,6 +46,8 @@ class Run:
     num_microbatches: int
     device: torch.device
     dtype: torch.dtype
+    response_tokens: int = 0
+    """Response tokens trained on so far (SFT runs; the log line's response tokens/s)."""
 
     @property
     def tensor_shape(self):
@@ -97,12 +100,17 @@ def build_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: T
     return Run(model_cfg, parallel_cfg, train_cfg, chunks, optimizer, num_microbatches, device, dtype)
 
 
-def forward_step(run: Run, loss_scale: float):
+def forward_step(run: Run, loss_scale: float, weight: Optional[torch.Tensor] = None):
+    """The schedule's step function. weight None: each microbatch's loss is its masked mean
+    (pretraining); else sum(loss * mask) * weight, a share of the global response-token mean (SFT, see
+    megaglot.training.sft)."""
     def step(chunk, input_tensor, microbatch):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in microbatch.items()}
         out = chunk(input_tensor, batch)
         if chunk.post_process:
-            return scale_loss_gradient(masked_mean(out, batch["loss_mask"]), loss_scale)
+            loss = (masked_mean(out, batch["loss_mask"]) if weight is None
+                    else weighted_loss_sum(out, batch["loss_mask"], weight))
+            return scale_loss_gradient(loss, loss_scale)
         return out
 
     return step
@@ -125,12 +133,17 @@ def train_step(run: Run, microbatches: list) -> dict:
     skips the step everywhere; raises TrainingDiverged after --max-skipped-steps skips in a row."""
     for c in run.chunks:
         c.train()
+    sft = response_tokens(run, microbatches)  # SFT only: one all-reduce over DP, before the schedule
     run.optimizer.start_step(len(microbatches))
-    loss = forward_backward(run.chunks, microbatches, forward_step(run, run.optimizer.loss_scale),
-                            tensor_shape=run.tensor_shape, dtype=run.dtype, device=run.device)
+    step = forward_step(run, run.optimizer.loss_scale, None if sft is None else sft.weight)
+    loss = forward_backward(run.chunks, microbatches, step, tensor_shape=run.tensor_shape, dtype=run.dtype,
+                            device=run.device)
     loss_value = loss_everywhere(loss, run.device)
     stats = run.optimizer.step(loss_finite=math.isfinite(loss_value))
     stats["loss"] = loss_value
+    if sft is not None:
+        stats["response_tokens"] = sft.count()
+        run.response_tokens += stats["response_tokens"]
     check_divergence(run, stats)
     return stats
 

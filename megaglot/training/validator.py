@@ -6,17 +6,21 @@ import torch
 
 from megaglot.training.metrics import Metrics
 from megaglot.training.run import Run, global_batches, loss_everywhere, forward_step
+from megaglot.training.sft import response_tokens
 from megaglot.pipeline.schedules import forward_backward
 
 
 @torch.no_grad()
 def evaluate(run: Run, batches) -> float:
-    """Mean forward-only loss over lists of this DP rank's microbatches (one list per global batch)."""
+    """Mean forward-only loss over lists of this DP rank's microbatches (one list per global batch);
+    in SFT runs each batch's loss is its global response-token mean, as in training."""
     for c in run.chunks:
         c.eval()
     losses = []
     for microbatches in batches:
-        loss = forward_backward(run.chunks, microbatches, forward_step(run, 1.0), tensor_shape=run.tensor_shape,
+        sft = response_tokens(run, microbatches)
+        step = forward_step(run, 1.0, None if sft is None else sft.weight)
+        loss = forward_backward(run.chunks, microbatches, step, tensor_shape=run.tensor_shape,
                                 dtype=run.dtype, forward_only=True, device=run.device)
         losses.append(loss_everywhere(loss, run.device))
     return sum(losses) / max(1, len(losses))
