@@ -220,3 +220,10 @@ def test_tools_share_the_trainers_flags(monkeypatch):
         assert actions["--bf16"].const == "bf16" and actions["--fp16"].const == "fp16"
         assert actions["--attention-backend"].choices == want["--attention-backend"].choices
     assert "--num-layers-per-virtual-pipeline-stage" in tools["convert_hf import"]
+    reshard = _tool_actions(monkeypatch, "reshard_checkpoint")  # the layout it writes, in Megatron's --target-* names
+    for flag, target in (("--tensor-model-parallel-size", "--target-tensor-parallel-size"),
+                         ("--pipeline-model-parallel-size", "--target-pipeline-parallel-size")):
+        assert reshard[target].required and reshard[target].type("3") == 3
+        assert reshard[target].help.split(" (default")[0] == want[flag].help.split(" (default")[0]
+    virtual = reshard["--target-num-layers-per-virtual-pipeline-stage"]
+    assert virtual.help == want["--num-layers-per-virtual-pipeline-stage"].help and virtual.default is None

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megaglot.checkpoint.format import CheckpointError  # noqa: E402
 from megaglot.checkpoint.reshard import reshard  # noqa: E402
 from megaglot.config import CheckpointConfig, ConfigError  # noqa: E402
-from megaglot.config.cli import add_field_argument  # noqa: E402
+from megaglot.config.cli import add_field_argument, add_layout_arguments  # noqa: E402
 from megaglot.progress import write  # noqa: E402
 
 
@@ -31,10 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="source checkpoint root (follows 'latest') or an iteration directory")
     add_field_argument(p, CheckpointConfig, "save", default=None, required=True,
                        help="new checkpoint root (must not exist or be empty; gets iter_N and latest)")
-    p.add_argument("--target-tensor-parallel-size", type=int, required=True, help="TP of the new layout")
-    p.add_argument("--target-pipeline-parallel-size", type=int, required=True, help="PP of the new layout")
-    p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
-                   help="layers per virtual stage (interleaved 1F1B); default: one chunk per stage")
+    add_layout_arguments(p, virtual=True, target=True)  # --target-*: the training flags' docs and checks
     p.add_argument("--target-data-parallel-size", type=int, default=None,
                    help="DP parts of the distributed optimizer's state (default: the source's DP size); "
                         "the plain optimizer's state is written once whatever this is")
@@ -54,8 +51,8 @@ def main(argv=None) -> int:
             write(msg)  # stdout, without tearing the progress bar on stderr
 
     try:
-        reshard(args.load, args.save, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                args.target_num_layers_per_virtual_pipeline_stage, dp=args.target_data_parallel_size,
+        reshard(args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                args.num_layers_per_virtual_pipeline_stage, dp=args.target_data_parallel_size,
                 verify=args.verify, log=log, quiet=args.quiet)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

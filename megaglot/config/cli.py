@@ -78,14 +78,15 @@ def _help(cls, f: dataclasses.Field, shown_default: Any) -> str:
 
 
 def add_field_argument(group, cls, name: str, *, dest: Optional[str] = None, shown_default: Any = None,
-                       default: Any = argparse.SUPPRESS, **kwargs) -> None:
+                       default: Any = argparse.SUPPRESS, flag: Optional[str] = None, **kwargs) -> None:
     """One flag for `cls.name`: its type, choices, doc and default come from the dataclass field.
 
     default: what argparse stores when the flag is absent (SUPPRESS: nothing, so presets apply);
-    shown_default: what --help says the default is (the field's default unless given)."""
+    shown_default: what --help says the default is (the field's default unless given); flag: another
+    spelling than the field's (a tool's --target-* layout)."""
     f = {x.name: x for x in dataclasses.fields(cls)}[name]
     hint = typing.get_type_hints(cls)[name]
-    flag, dest = flag_of(f), dest or name
+    flag, dest = flag or flag_of(f), dest or name
     shown = _default_of(f) if shown_default is None else shown_default
     kwargs.setdefault("help", _help(cls, f, shown))
     if hint is bool:
@@ -193,14 +194,26 @@ def configs_from_args(namespace: argparse.Namespace, model: str, parallel: Paral
             apply_overrides(train, flags.get("train", {})))
 
 
-def add_layout_arguments(parser, virtual: bool = False) -> None:
+#: The layout a tool writes (tools/reshard_checkpoint.py), in the names of Megatron's checkpoint converter.
+TARGET_LAYOUT_FLAGS = {"tensor_model_parallel_size": "--target-tensor-parallel-size",
+                       "pipeline_model_parallel_size": "--target-pipeline-parallel-size",
+                       "num_layers_per_virtual_pipeline_stage": "--target-num-layers-per-virtual-pipeline-stage"}
+
+
+def add_layout_arguments(parser, virtual: bool = False, target: bool = False) -> None:
     """--tensor-model-parallel-size / --pipeline-model-parallel-size (and the virtual stage size) with
-    ParallelConfig's defaults, for tools: dest is the field name (args.tensor_model_parallel_size)."""
-    group = parser.add_argument_group("parallel layout")
+    ParallelConfig's defaults and docs, for tools: dest is the field name (args.tensor_model_parallel_size).
+    target: the layout to write, spelled TARGET_LAYOUT_FLAGS, TP and PP required."""
+    group = parser.add_argument_group("target layout" if target else "parallel layout")
     names = ["tensor_model_parallel_size", "pipeline_model_parallel_size"]
     for name in names + (["num_layers_per_virtual_pipeline_stage"] if virtual else []):
         default = {f.name: f.default for f in dataclasses.fields(ParallelConfig)}[name]
-        add_field_argument(group, ParallelConfig, name, default=default)
+        if target:
+            required = {"required": True, "shown_default": "required"} if name in names else {}
+            add_field_argument(group, ParallelConfig, name, default=None if required else default,
+                               flag=TARGET_LAYOUT_FLAGS[name], metavar="N", **required)
+        else:
+            add_field_argument(group, ParallelConfig, name, default=default)
 
 
 def add_inference_arguments(parser, source) -> None:
