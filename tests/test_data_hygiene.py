@@ -3,6 +3,7 @@ preprocessing sidecar, else from a cached C++ scan), --train-tokenizer never ove
 tokenizer, and a preprocessing run that writes no document fails with one line and loses nothing."""
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -26,17 +27,6 @@ KO = os.path.join(ROOT, "examples", "data", "ko_sample.jsonl")
 EN = os.path.join(ROOT, "examples", "data", "en_sample.jsonl")
 TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
 TINY = get_model_preset("tiny-test")
-
-
-class Log:
-    def __init__(self):
-        self.text = ""
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +55,7 @@ def test_sidecar_records_the_largest_token_id_of_each_key(tok_path, tmp_path):
     rows = [{"q": "주민번호 900101-1234567 확인 부탁드립니다", "a": "네 알겠습니다"}, {"q": "안녕", "a": "반갑습니다 여러분"}]
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     preprocess(PreprocessConfig(input=[str(src)], output_prefix=str(tmp_path / "qa"), json_keys=["q", "a"],
-                                tokenizer=tok_path, append_eod=True), log=Log())
+                                tokenizer=tok_path, append_eod=True), log=io.StringIO())
     tok = load_tokenizer(tok_path)
     sidecars = {}
     for key in ("q", "a"):
@@ -79,7 +69,7 @@ def test_sidecar_records_the_largest_token_id_of_each_key(tok_path, tmp_path):
 
 
 def test_trainer_uses_the_sidecar_and_refuses_ids_past_the_vocabulary(tok_path, tmp_path, monkeypatch):
-    preprocess(PreprocessConfig(input=[KO], output_prefix=str(tmp_path / "ko"), tokenizer=tok_path), log=Log())
+    preprocess(PreprocessConfig(input=[KO], output_prefix=str(tmp_path / "ko"), tokenizer=tok_path), log=io.StringIO())
     prefix = str(tmp_path / "ko_text_document")
     largest = json.load(open(prefix + ".json"))["max_token_id"]
     assert largest == int(all_tokens(prefix).max())
@@ -159,11 +149,11 @@ def test_cpp_scan_equals_numpy_for_every_index_dtype(monkeypatch, tmp_path):
 def test_train_tokenizer_never_overwrites_another_tokenizer(tmp_path):
     out = tmp_path / "shared"
     common = dict(train_tokenizer=True, vocab_size=400, quiet=True)
-    preprocess(PreprocessConfig(input=[KO], output_prefix=str(out / "ko"), **common), log=Log())
+    preprocess(PreprocessConfig(input=[KO], output_prefix=str(out / "ko"), **common), log=io.StringIO())
     shared = out / "tokenizer.json"
     before = shared.read_bytes()
     with pytest.raises(PreprocessError) as error:
-        preprocess(PreprocessConfig(input=[EN], output_prefix=str(out / "en"), **common), log=Log())
+        preprocess(PreprocessConfig(input=[EN], output_prefix=str(out / "en"), **common), log=io.StringIO())
     assert str(error.value) == (f"--train-tokenizer: {shared} already exists and holds a different tokenizer "
                                 f"(another dataset in that directory may use it); not overwriting it; pass "
                                 f"--tokenizer {shared} to reuse it, or give an --output-prefix in another directory")
@@ -171,14 +161,14 @@ def test_train_tokenizer_never_overwrites_another_tokenizer(tmp_path):
     assert sorted(os.listdir(out)) == ["ko_text_document.bin", "ko_text_document.idx", "ko_text_document.json",
                                        "tokenizer.json"]
     data = (out / "ko_text_document.bin").read_bytes()
-    preprocess(PreprocessConfig(input=[KO], output_prefix=str(out / "ko"), **common), log=Log())  # a rerun
+    preprocess(PreprocessConfig(input=[KO], output_prefix=str(out / "ko"), **common), log=io.StringIO())  # a rerun
     assert shared.read_bytes() == before and (out / "ko_text_document.bin").read_bytes() == data
 
 
 def test_tokenizer_mismatch_says_what_differs(tmp_path):
     out = tmp_path / "d"
     preprocess(PreprocessConfig(input=[KO], output_prefix=str(out / "ko"), train_tokenizer=True, vocab_size=400),
-               log=Log())
+               log=io.StringIO())
     prefix, path = str(out / "ko_text_document"), str(out / "tokenizer.json")
     old = load_tokenizer(path)
     other = str(tmp_path / "other.json")
@@ -201,17 +191,17 @@ def test_tokenizer_mismatch_says_what_differs(tmp_path):
 
 
 def test_a_small_corpus_states_the_learned_vocabulary(tmp_path):
-    log = Log()
+    log = io.StringIO()
     side = preprocess(PreprocessConfig(input=[EN], output_prefix=str(tmp_path / "en"), train_tokenizer=True,
                                        vocab_size=30000), log=log)
     learned = side["tokenizer"]["vocab_size"]
     assert learned < 30000 and learned == load_tokenizer(str(tmp_path / "tokenizer.json")).vocab_size
     assert f"preprocess: tokenizer: learned {learned} tokens, fewer than --vocab-size 30000 (the corpus is small)\n" \
-        in log.text
-    log = Log()
+        in log.getvalue()
+    log = io.StringIO()
     preprocess(PreprocessConfig(input=[KO], output_prefix=str(tmp_path / "ko" / "ko"), train_tokenizer=True,
                                 vocab_size=300), log=log)
-    assert "learned" not in log.text  # the corpus filled the vocabulary
+    assert "learned" not in log.getvalue()  # the corpus filled the vocabulary
 
 
 # ---- runs that write nothing ---------------------------------------------------------------------
@@ -222,7 +212,7 @@ def test_runs_that_write_nothing_fail_with_one_line(tok_path, tmp_path):
     (tmp_path / "keys.jsonl").write_text('{"text": "a", "meta": 1}\n{"text": "b", "meta": 2}\n', encoding="utf-8")
     (tmp_path / "plain").write_text("not a directory", encoding="utf-8")
     kept = str(tmp_path / "kept")
-    preprocess(PreprocessConfig(input=[KO], output_prefix=kept, tokenizer=tok_path), log=Log())
+    preprocess(PreprocessConfig(input=[KO], output_prefix=kept, tokenizer=tok_path), log=io.StringIO())
     before = {s: open(f"{kept}_text_document{s}", "rb").read() for s in (".bin", ".idx", ".json")}
     cases = {  # flags -> the one line on stderr
         "empty": (["--input", str(tmp_path / "empty.jsonl"), "--output-prefix", str(tmp_path / "e" / "e")],
@@ -256,7 +246,7 @@ def test_train_tokenizer_saves_nothing_when_no_document_was_read(tmp_path):
     (tmp_path / "keys.jsonl").write_text('{"body": "가나다"}\n', encoding="utf-8")
     with pytest.raises(PreprocessError, match=r"^no documents written: 1 lines read, 1 skipped \(key 'text' missing"):
         preprocess(PreprocessConfig(input=[str(tmp_path / "keys.jsonl")], output_prefix=str(tmp_path / "o" / "o"),
-                                    train_tokenizer=True, vocab_size=300), log=Log())
+                                    train_tokenizer=True, vocab_size=300), log=io.StringIO())
     assert not os.path.exists(tmp_path / "o")
 
 

@@ -1,6 +1,7 @@
 """tools/preprocess_data.py and the library behind it, on the bundled corpus and on bad input."""
 
 import gzip
+import io
 import json
 import os
 import subprocess
@@ -16,17 +17,6 @@ from megaglot.data.tokenizer import TokenizerError, load_tokenizer, train_tokeni
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KO = os.path.join(ROOT, "examples", "data", "ko_sample.jsonl")
 TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
-
-
-class Log:
-    def __init__(self):
-        self.text = ""
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +78,8 @@ def test_cli_output_round_trips_with_masks_and_eod(trained):
 def test_workers_give_identical_output(trained, tmp_path):
     out, _ = trained
     common = dict(input=[KO], tokenizer=str(out / "tokenizer.json"), append_eod=True, batch_size=7)
-    preprocess(PreprocessConfig(output_prefix=str(tmp_path / "one"), workers=1, **common), log=Log())
-    preprocess(PreprocessConfig(output_prefix=str(tmp_path / "two"), workers=2, **common), log=Log())
+    preprocess(PreprocessConfig(output_prefix=str(tmp_path / "one"), workers=1, **common), log=io.StringIO())
+    preprocess(PreprocessConfig(output_prefix=str(tmp_path / "two"), workers=2, **common), log=io.StringIO())
     for ext in (".bin", ".idx"):
         a = open(str(tmp_path / "one_text_document") + ext, "rb").read()
         assert a == open(str(tmp_path / "two_text_document") + ext, "rb").read()
@@ -101,16 +91,16 @@ def test_malformed_lines_are_counted_and_strict_fails(trained, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "first"}\n{"text": broken\n\n{"other": "x"}\n{"text": "   "}\n'
                     b'{"text": "\xff\xfe bad"}\n[1, 2]\n{"text": "last"}\n')
-    log = Log()
+    log = io.StringIO()
     side = preprocess(PreprocessConfig(input=[str(bad)], output_prefix=str(tmp_path / "b"),
                                        tokenizer=str(out / "tokenizer.json")), log=log)
     assert side["documents"] == 2
     assert side["skipped"] == {"malformed_json": 1, "missing_key": 2, "undecodable": 1, "empty": 1}
     assert side["skipped_first_lines"]["missing_key"] == [f"{bad}:4", f"{bad}:7"]
-    assert f"first malformed_json: {bad}:2" in log.text
+    assert f"first malformed_json: {bad}:2" in log.getvalue()
     with pytest.raises(PreprocessError, match=rf"{bad}:2: malformed JSON .*--strict"):
         preprocess(PreprocessConfig(input=[str(bad)], output_prefix=str(tmp_path / "s"), strict=True,
-                                    tokenizer=str(out / "tokenizer.json")), log=Log())
+                                    tokenizer=str(out / "tokenizer.json")), log=io.StringIO())
     assert not any(name.startswith("s_") for name in os.listdir(tmp_path))  # nothing left behind
 
 
@@ -123,12 +113,12 @@ def test_text_gzip_and_globs(trained, tmp_path):
         f.write(json.dumps({"text": "압축 문서"}, ensure_ascii=False) + "\n")
     tok = load_tokenizer(str(out / "tokenizer.json"))
     side = preprocess(PreprocessConfig(input=[str(tmp_path / "*.gz")], output_prefix=str(tmp_path / "g"),
-                                       tokenizer=str(out / "tokenizer.json")), log=Log())
+                                       tokenizer=str(out / "tokenizer.json")), log=io.StringIO())
     ds = IndexedDataset(str(tmp_path / "g_text_document"))
     assert [tok.decode(ds[i]) for i in range(len(ds))] == ["압축 문서", "문단 하나\n이어지는 줄", "문단 둘"]
     assert side["documents"] == 3
     preprocess(PreprocessConfig(input=[str(tmp_path / "lines.txt")], output_prefix=str(tmp_path / "l"),
-                                tokenizer=str(out / "tokenizer.json"), text_split="line"), log=Log())
+                                tokenizer=str(out / "tokenizer.json"), text_split="line"), log=io.StringIO())
     ds = IndexedDataset(str(tmp_path / "l_text_document"))
     assert [tok.decode(ds[i]) for i in range(len(ds))] == ["첫째 문서", "둘째 문서", "셋째 문서"]
 
@@ -138,7 +128,7 @@ def test_several_json_keys(trained, tmp_path):
     src = tmp_path / "qa.jsonl"
     src.write_text(json.dumps({"q": "질문입니다", "a": "답입니다"}, ensure_ascii=False) + "\n", encoding="utf-8")
     preprocess(PreprocessConfig(input=[str(src)], output_prefix=str(tmp_path / "qa"), json_keys=["q", "a"],
-                                tokenizer=str(out / "tokenizer.json")), log=Log())
+                                tokenizer=str(out / "tokenizer.json")), log=io.StringIO())
     tok = load_tokenizer(str(out / "tokenizer.json"))
     assert tok.decode(IndexedDataset(str(tmp_path / "qa_q_document"))[0]) == "질문입니다"
     assert tok.decode(IndexedDataset(str(tmp_path / "qa_a_document"))[0]) == "답입니다"
@@ -160,21 +150,21 @@ def test_tokenizer_errors(tmp_path):
     with pytest.raises(TokenizerError, match=r"bare\.json has no <\|rrn\|>, <\|tel\|>/<\|tell\|>, <\|acc\|> token.*"
                                              r"--no-mask-pii"):
         preprocess(PreprocessConfig(input=[str(src)], output_prefix=str(tmp_path / "o"),
-                                    tokenizer=str(tmp_path / "bare.json")), log=Log())
+                                    tokenizer=str(tmp_path / "bare.json")), log=io.StringIO())
     side = preprocess(PreprocessConfig(input=[str(src)], output_prefix=str(tmp_path / "o"), mask_pii=False,
-                                       tokenizer=str(tmp_path / "bare.json")), log=Log())
+                                       tokenizer=str(tmp_path / "bare.json")), log=io.StringIO())
     assert side["masks"] is None
     with pytest.raises(TokenizerError, match=r"--tokenizer .*missing: no tokenizer\.json"):
         preprocess(PreprocessConfig(input=[str(src)], output_prefix=str(tmp_path / "m"),
-                                    tokenizer=str(tmp_path / "missing")), log=Log())
+                                    tokenizer=str(tmp_path / "missing")), log=io.StringIO())
     (tmp_path / "junk.json").write_text("{not a tokenizer", encoding="utf-8")
     with pytest.raises(TokenizerError, match=r"junk\.json: not a Hugging Face tokenizer\.json"):
         load_tokenizer(str(tmp_path / "junk.json"))
     with pytest.raises(PreprocessError, match="no tokenizer"):
-        preprocess(PreprocessConfig(input=[str(src)], output_prefix=str(tmp_path / "n")), log=Log())
+        preprocess(PreprocessConfig(input=[str(src)], output_prefix=str(tmp_path / "n")), log=io.StringIO())
     with pytest.raises(PreprocessError, match="--input .*nothing\\*.jsonl: matches no file"):
         preprocess(PreprocessConfig(input=[str(tmp_path / "nothing*.jsonl")], output_prefix=str(tmp_path / "n"),
-                                    tokenizer=str(tmp_path / "x.json")), log=Log())
+                                    tokenizer=str(tmp_path / "x.json")), log=io.StringIO())
 
 
 def test_tell_spelling_is_used_when_tel_is_absent(tmp_path):
@@ -189,7 +179,7 @@ def test_tell_spelling_is_used_when_tel_is_absent(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "연락 010-1234-5678 주세요"}\n', encoding="utf-8")
     preprocess(PreprocessConfig(input=[str(src)], output_prefix=str(tmp_path / "t"),
-                                tokenizer=str(tmp_path / "tell.json")), log=Log())
+                                tokenizer=str(tmp_path / "tell.json")), log=io.StringIO())
     ids = IndexedDataset(str(tmp_path / "t_text_document"))[0].tolist()
     assert ids.count(2) == 1 and 1 not in ids  # <|tell|> is id 2 here, <|acc|> id 1
 
@@ -207,7 +197,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_ensure_preprocessed_builds_once(tmp_path):
-    log = Log()
+    log = io.StringIO()
     prefix, tok = ensure_preprocessed(KO, str(tmp_path / "demo" / "ko"), vocab_size=1000, lang="ko", log=log)
     assert prefix == str(tmp_path / "demo" / "ko_text_document") and os.path.exists(tok)
     mtime = os.path.getmtime(prefix + ".bin")

@@ -1,6 +1,7 @@
 """Instruction-tuning data (tools/preprocess_sft.py, megaglot.data.sft): templates, loss masks, PII, errors."""
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -23,17 +24,6 @@ TOOL = os.path.join(ROOT, "tools", "preprocess_sft.py")
 EOD = "<|endoftext|>"
 
 
-class Log:
-    def __init__(self):
-        self.text = ""
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
     """A small byte-level BPE with Polyglot-Ko's special tokens, trained on the bundled Korean corpus."""
@@ -48,7 +38,7 @@ def build(tmp_path, tok_path, records, template="koalpaca", name="d", **kw):
     src = tmp_path / f"{name}.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     side = preprocess_sft(SFTConfig(input=[str(src)], output_prefix=str(tmp_path / name), tokenizer=tok_path,
-                                    template=template, **kw), log=Log())
+                                    template=template, **kw), log=io.StringIO())
     text, mask = IndexedDataset(str(tmp_path / f"{name}_text_document")), \
         IndexedDataset(str(tmp_path / f"{name}_loss_mask_document"))
     return [text[i].tolist() for i in range(len(text))], [mask[i].tolist() for i in range(len(mask))], side
@@ -158,7 +148,7 @@ def test_bad_records_name_file_and_line(tmp_path, tok_path, line, message):
     src.write_text('{"instruction": "좋은 질문", "output": "좋은 답", "id": 7, "category": "x"}\n\n' + line + "\n",
                    encoding="utf-8")
     with pytest.raises(PreprocessError) as error:
-        preprocess_sft(SFTConfig(input=[str(src)], output_prefix=str(tmp_path / "o"), tokenizer=tok_path), log=Log())
+        preprocess_sft(SFTConfig(input=[str(src)], output_prefix=str(tmp_path / "o"), tokenizer=tok_path), log=io.StringIO())
     assert str(error.value) == f"{src}:3: {message}"
     assert not any(name.startswith("o_") for name in os.listdir(tmp_path))  # nothing half-written is left
 
@@ -169,7 +159,7 @@ def test_bad_record_stops_a_run_with_workers(tmp_path, tok_path):
                    encoding="utf-8")
     with pytest.raises(PreprocessError, match=rf"^{src}:41: unknown field 'outptu' \(records have"):
         preprocess_sft(SFTConfig(input=[str(src)], output_prefix=str(tmp_path / "o"), tokenizer=tok_path,
-                                 workers=2, batch_size=4), log=Log())
+                                 workers=2, batch_size=4), log=io.StringIO())
     assert os.listdir(tmp_path) == ["bad.jsonl"]
 
 
@@ -189,7 +179,7 @@ def test_bad_templates_and_tokenizer(tmp_path, tok_path):
 
     def run(**kw):
         with pytest.raises(PreprocessError) as error:
-            preprocess_sft(SFTConfig(input=[str(src)], output_prefix=str(tmp_path / "o"), **kw), log=Log())
+            preprocess_sft(SFTConfig(input=[str(src)], output_prefix=str(tmp_path / "o"), **kw), log=io.StringIO())
         return str(error.value)
 
     no_output = tmp_path / "no_output.txt"
@@ -243,7 +233,7 @@ def test_bundled_sample_and_workers_are_byte_identical(tmp_path, tok_path):
     for workers in (1, 2):
         prefix = str(tmp_path / f"w{workers}")
         side = preprocess_sft(SFTConfig(input=[SAMPLE], output_prefix=prefix, tokenizer=tok_path, workers=workers,
-                                        batch_size=16, lang="ko"), log=Log())
+                                        batch_size=16, lang="ko"), log=io.StringIO())
         outputs[workers] = {s: open(f"{prefix}_{s}", "rb").read() for s in (
             "text_document.bin", "text_document.idx", "loss_mask_document.bin", "loss_mask_document.idx")}
     assert outputs[1] == outputs[2]
