@@ -1,7 +1,7 @@
 """Stopping a run on a signal: SIGTERM saves and stops at the next step boundary, SIGINT interrupts.
 
 SIGTERM is what SLURM (and torchrun, passing it on) sends before preemption: the run should keep
-its progress. The handler only records it; at each step boundary `StopOnSigterm.requested` agrees
+its progress. The handler only records it; at each step boundary `RunSignals.stop_requested` agrees
 over every rank (one all-reduce MAX of a 0/1 flag), because the signal reaches the ranks at
 different steps and every rank must save the same iteration (saving is collective). This is
 Megatron's --exit-signal-handler, always on.
@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megaglot.checkpoint.format import iteration_dir_name
 from megaglot.checkpoint.retention import latest_iteration
 from megaglot.training.metrics import log0
 
@@ -41,12 +42,13 @@ def last_checkpoint(checkpoint_cfg) -> Optional[str]:
         except ValueError:  # an unreadable `latest` is no checkpoint to point at
             iteration = None
         if iteration is not None:
-            return os.path.join(root, f"iter_{iteration:07d}")
+            return os.path.join(root, iteration_dir_name(iteration))
     return None
 
 
 class _Sigint:
-    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered (`seen`): under torchrun every
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered (`seen`; one per process, as the
+    signal handler itself is): under torchrun every
     rank gets it, and a rank whose collective then fails because a peer has already exited was
     interrupted too, not failing with that peer error. The script calls `watch_sigint()` once."""
 
