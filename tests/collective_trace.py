@@ -313,6 +313,9 @@ class Layout:
     validate: bool = True
     save: bool = True
     recompute_granularity: Optional[str] = None
+    sft: bool = False
+    """Instruction tuning (--sft-data, --pack-sequences): packed rows whose response tokens differ per
+    microbatch and DP rank, and the step's all-reduce of their count over DP (megaglot.training.sft)."""
 
     @property
     def world(self) -> int:
@@ -331,6 +334,8 @@ def _configs(layout: Layout):
                         seq_length=SEQ, train_iters=layout.train_steps, eval_interval=0, precision="bf16",
                         use_distributed_optimizer=True, recompute_granularity=layout.recompute_granularity,
                         lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, seed=3)
+    if layout.sft:  # the data never opens: the rank program hands train_step its own batches
+        train = with_fields(train, sft_data="(simulated)", pack_sequences=True)
     return model, parallel, train
 
 
@@ -344,7 +349,25 @@ def _microbatches(layout: Layout, vocab: int, step: int, dp_rank: int) -> list:
         t = torch.as_tensor(rng.integers(0, vocab, size=(MICRO, SEQ + 1)), dtype=torch.long)
         out.append({"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(),
                     "loss_mask": torch.ones(MICRO, SEQ), "position_ids": torch.arange(SEQ).repeat(MICRO, 1)})
+        if layout.sft:
+            out[-1].update(_packed_rows(rng))
     return out
+
+
+def _packed_rows(rng) -> dict:
+    """Three samples per row, cut at random places (positions restart at each), padding at the end
+    (segment -1), and a response mask of another size in every microbatch and on every DP rank."""
+    import numpy as np
+
+    cuts = np.sort(rng.choice(np.arange(1, SEQ - 1), size=2, replace=False))
+    segments = np.searchsorted(cuts, np.arange(SEQ), side="right")
+    positions = np.arange(SEQ) - np.concatenate([[0], cuts])[segments]
+    segments[SEQ - 1] = -1
+    mask = rng.random((MICRO, SEQ)) < rng.uniform(0.2, 0.8)
+    mask[:, SEQ - 1] = False
+    return {"loss_mask": torch.as_tensor(mask, dtype=torch.float32),
+            "position_ids": torch.as_tensor(positions).repeat(MICRO, 1),
+            "segment_ids": torch.as_tensor(segments).repeat(MICRO, 1)}
 
 
 def _check_finite(phase: str, *values: float) -> None:
@@ -421,8 +444,20 @@ def _other_bucket_size():
     return lambda: setattr(run_module, "GradBuffer", original)
 
 
+def _skip_response_token_count():
+    """The victim (an SFT run) weighs its loss by its own response tokens: it never all-reduces their
+    count over DP, which its DP peers wait for."""
+    import types
+
+    import megaglot.training.sft as sft
+
+    original = sft.dist
+    sft.dist = types.SimpleNamespace(all_reduce=lambda *args, **kwargs: None)
+    return lambda: setattr(sft, "dist", original)
+
+
 SABOTAGES = {"skip_sequence_parallel_reduction": _skip_sequence_parallel_reduction,
-             "other_bucket_size": _other_bucket_size}
+             "other_bucket_size": _other_bucket_size, "skip_response_token_count": _skip_response_token_count}
 
 
 def simulate_all(jobs: list) -> dict:

@@ -10,6 +10,8 @@ distributed optimizer step and parameter all-gather), evaluate and save_checkpoi
 torch.distributed call is recorded. The checks then compare the members of each group, pair each
 pipeline send with its receive, and replay the collectives as blocking rendezvous (no rank may
 wait forever). Sabotaged runs and edited traces prove that each check reports what it should.
+An instruction-tuning (SFT) step on packed rows, with response tokens that differ per rank, adds
+exactly one all-reduce of the response-token count per DP group, before the schedule (issue 19).
 
 Data on the fake PG is not real, so nothing here checks values (tests/test_training.py does, on
 gloo); the recorder keeps what arrives finite so that control flow cannot depend on garbage. In
@@ -41,9 +43,15 @@ LAYOUTS = {
                              tp=8, pp=4, dp=1, layers_per_virtual_stage=1, microbatches=4,
                              recompute_granularity="selective"),
 }
+# Instruction tuning at the 8-rank layout: packed rows, response tokens that differ per microbatch and
+# DP rank, one training step and validation (the response-token all-reduce in each).
+LAYOUTS["tp2-pp2-vp2-dp2-sft"] = dataclasses.replace(
+    LAYOUTS["tp2-pp2-vp2-dp2"], name="TP2 x PP2 (VP2) x DP2, SP, distributed optimizer, bf16, SFT packed rows",
+    train_steps=1, sft=True)
 # One training step of the 8-rank layout with one broken rank each.
 BROKEN = dataclasses.replace(LAYOUTS["tp2-pp2-vp2-dp2"], train_steps=1, validate=False, save=False)
 SABOTAGED = {"skip_sequence_parallel_reduction": 5, "other_bucket_size": 2}
+SFT_SABOTAGED = {"skip_response_token_count": 3}
 SAME_OP = {"all_gather_into_tensor": "all_gather_single", "reduce_scatter_tensor": "reduce_scatter_single"}
 
 
@@ -53,6 +61,8 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("collective_order")
     jobs = [(key, layout, str(base / key), None) for key, layout in LAYOUTS.items()]
     jobs += [(name, BROKEN, str(base / name), (name, victim)) for name, victim in SABOTAGED.items()]
+    jobs += [(name, dataclasses.replace(BROKEN, sft=True), str(base / name), (name, victim))
+             for name, victim in SFT_SABOTAGED.items()]
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         traces = pool.submit(ct.simulate_all, jobs).result(timeout=600)
     return {label: (str(base / label), traces[label]) for label in traces}
@@ -112,6 +122,31 @@ def test_every_group_issues_the_same_collectives_in_the_same_order(runs, key):
     assert rng_files == [f"rank_{r:05d}.json" for r in range(layout.world)]
 
 
+def _comparable(calls):
+    """What the members of a group must agree on, without where and in which phase it was issued."""
+    return [(c.op, c.group, c.detail) for c in calls]
+
+
+def test_an_sft_step_adds_only_the_response_token_all_reduce_on_every_dp_group(runs):
+    """Per step and per validation batch, every rank issues exactly one all-reduce from
+    training/sft.py: on its DP group, one float64, before the step's first pipeline message; its
+    other collectives are pretraining's, call for call (packed rows and masks change no collective)."""
+    sft, pretraining = LAYOUTS["tp2-pp2-vp2-dp2-sft"], runs["tp2-pp2-vp2-dp2"][1]
+    _, traces = runs["tp2-pp2-vp2-dp2-sft"]
+    for rank, calls in traces.items():
+        for phase in ("train step 0", "validation"):
+            mine = [c for c in calls if c.phase == phase]
+            counts = [i for i, c in enumerate(mine) if c.where.startswith("training/sft.py")]
+            assert len(counts) == 1, f"rank {rank}, {phase}: {[mine[i].render() for i in counts]}"
+            call = mine[counts[0]]
+            assert (call.op, call.group) == ("all_reduce", groups_of(sft, rank)["dp"]), call.render()
+            assert call.detail[0] == ("tensor", (1,), "float64"), call.render()
+            assert counts[0] < next(i for i, c in enumerate(mine) if c.op == ct.P2P), call.render()
+            rest = [c for i, c in enumerate(mine) if i != counts[0]]
+            want = [c for c in pretraining[rank] if c.phase == phase]
+            assert _comparable(rest) == _comparable(want), f"rank {rank}, {phase}: other collectives than pretraining's"
+
+
 def _problem_text(problems):
     return "\n\n".join(problems)
 
@@ -150,6 +185,21 @@ def test_a_rank_with_other_gradient_buckets_is_reported(runs):
     changed = [line for line in dp[0].splitlines() if line.startswith(("- #", "+ #"))]
     assert any("reduce_scatter_single" in line for line in changed), text
     assert any(line.startswith("+ #") and "reduce_scatter_single" in line for line in changed), text
+
+
+def test_a_rank_that_skips_the_response_token_all_reduce_is_reported(runs):
+    """SFT: rank 3 weighs its loss by its own response tokens only. Its DP group [1, 3] is the only
+    group reported, with rank 1's extra all-reduce from training/sft.py, and the replay shows the hang."""
+    _, traces = runs["skip_response_token_count"]
+    problems = ct.check_traces(traces)
+    text = _problem_text(problems)
+    group_problems = [p for p in problems if p.startswith("group ")]
+    assert _reported_groups(group_problems) == [(1, 3)], text
+    removed = [line for line in group_problems[0].splitlines() if line.startswith("- #")]
+    added = [line for line in group_problems[0].splitlines() if line.startswith("+ #")]
+    assert len(removed) == 1 and not added, text
+    assert removed[0].split()[2] == "all_reduce" and "training/sft.py" in removed[0], text
+    assert any(p.startswith("the collectives cannot all complete") and "rank 1 waits" in p for p in problems), text
 
 
 def _first_index(calls, predicate):

@@ -7,6 +7,9 @@
 - Two DP ranks, two microbatches each with different response-token counts: every rank's loss and
   gradients equal the one-process global mean (not the mean of per-microbatch means, also checked
   to differ).
+- TP=2 x PP=2 x DP=2 on 8 ranks with sequence parallel, the distributed optimizer and selective
+  recomputation, packed rows: two steps' losses, clipped norm, validation losses and every parameter
+  equal a one-process run over the same global batches.
 - tools/generate.py --template wraps exactly Template.render_prompt, stops at the end-of-text token
   and prints only the answer; a bad template is one line.
 - finetune_ko.py: --sft-data without its loss-mask files, and --pack-sequences without --sft-data,
@@ -20,6 +23,7 @@ import io
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +140,76 @@ def test_two_dp_ranks_with_unequal_microbatches_equal_the_one_process_global_mea
     counts = results[0]["counts"] + results[1]["counts"]
     assert len(set(counts)) == 4, counts  # four microbatches, four different response-token counts
     assert abs(results[0]["naive"] - results[0]["loss"]) > 1e-3  # the weighting matters on this batch
+
+
+# ---- TP=2 x PP=2 x DP=2 on 8 ranks, the real trainer, packed rows --------------------------------
+
+def layout_configs(prefix, tp=1, pp=1, sp=False, **overrides):
+    """Packed SFT rows, two steps of AdamW (lr 5e-4, clipped at 0.5), validation at iterations 0 and 2;
+    microbatches of one row, so the two of each DP rank hold their own response-token counts."""
+    model, _, train = configs(prefix, True, micro_batch_size=1, train_iters=2, eval_interval=2, log_interval=100,
+                              lr=5e-4, min_lr=5e-5, lr_warmup_iters=1, clip_grad=0.5, **overrides)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
+    return model, parallel, train
+
+
+def _layout_worker(rank, prefix, tp, pp, sp, overrides):
+    from megaglot.training import pretrain
+    from megaglot.training.sft import build_sft_training_datasets
+    from test_training import local_state
+
+    model, parallel, train = layout_configs(prefix, tp, pp, sp, **overrides)
+    datasets = build_sft_training_datasets(train, model)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = pretrain(model, parallel, train, datasets=datasets)
+    run = result["run"]
+    return {"losses": result["losses"], "valid_losses": result["valid_losses"], "params": local_state(run),
+            "grad_norm": run.optimizer.last_grad_norm, "response_tokens": run.response_tokens,
+            "dp_counts": [sum(int(mb["loss_mask"].sum()) for mb in first_batches(datasets[0], train, d, 2))
+                          for d in range(2)]}
+
+
+def gradient_free_key_bias(model):
+    """Indices, in the full query_key_value bias (heads in order, each [q | k | v]), of the key bias
+    past the rotary dimensions. A constant added to every key of a query's row leaves its softmax
+    unchanged, so their gradient is 0 in exact arithmetic; Adam divides the round-off left there by
+    a sqrt(v) + eps of the same size, which moves them by ~lr/50 of arbitrary sign: noise that differs
+    between any two summation orders. Elsewhere a parameter moves by ~lr = 5e-4 per step."""
+    hn = model.hidden_size // model.num_attention_heads
+    return torch.tensor([h * 3 * hn + hn + d for h in range(model.num_attention_heads)
+                         for d in range(model.rotary_ndims, hn)])
+
+
+def test_tp2_pp2_dp2_sp_distributed_optimizer_on_8_ranks_equals_one_process(sft_prefix):
+    """The real trainer on packed rows at TP=2 x PP=2 x DP=2 with sequence parallel, the distributed
+    optimizer and selective recomputation: two steps' losses, the clipped global norm, the validation
+    losses and every parameter (TP shards concatenated) equal one process over the same global batches.
+    Parameters to test_training.py's rtol 1e-4 / atol 2e-5, here 4% of one update (lr 5e-4): with few
+    response tokens per step, a few elements' Adam ratio m/sqrt(v) sits on a cancellation between the
+    two steps' gradients and amplifies round-off (at lr 2e-3 one of 330k elements differed by 3.5e-5,
+    the difference scales with lr); a missed all-reduce of the response-token count is off by ~2e-3."""
+    from test_training import full_state
+
+    (one,) = run_distributed(_layout_worker, 1, sft_prefix, 1, 1, False, {}, timeout=120)
+    overrides = {"use_distributed_optimizer": True, "recompute_granularity": "selective"}
+    ranks = run_distributed(_layout_worker, 8, sft_prefix, 2, 2, True, overrides, timeout=300)
+    assert ranks[0]["dp_counts"][0] != ranks[0]["dp_counts"][1], ranks[0]["dp_counts"]  # the weighting matters
+    assert len(one["losses"]) == 2 and len(one["valid_losses"]) == 2
+    for r in ranks:  # every rank reports the same global values
+        np.testing.assert_allclose(r["losses"], one["losses"], rtol=1e-5, err_msg="training losses")
+        np.testing.assert_allclose(r["valid_losses"], one["valid_losses"], rtol=1e-5, err_msg="validation losses")
+        assert r["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5) and one["grad_norm"] > 0.5  # clipped
+        assert r["response_tokens"] == one["response_tokens"]
+    got, want = full_state(ranks), full_state([one])
+    assert got.keys() == want.keys()
+    noise = gradient_free_key_bias(get_model_preset("tiny-test"))
+    for name, w in want.items():
+        g = got[name]
+        if name.endswith("attention.query_key_value.bias"):
+            assert g[noise].abs().max() < 5e-5 and w[noise].abs().max() < 5e-5, name  # never moved by a gradient
+            g, w = g.clone(), w.clone()
+            g[noise] = w[noise] = 0.0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
 # ---- tools/generate.py --template ---------------------------------------------------------------
